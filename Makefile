@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Tests and the demo read the offline copies of the datasets when they exist.
+SHARED_DATA := $(abspath ../shared/data)
+export ASLORA_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/glue),$(SHARED_DATA),)
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a CPU build of this version is served locally, and
+	# an unpinned torch would pull a several-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa --seeds 1
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,158 @@
+"""Command line: run, compare, privacy."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from aslora.config import ConfigError, ExperimentConfig, load_config
+from aslora.privacy import calibrate_noise, epsilon_for
+from aslora.report import comparison_table, plot_comparison
+from aslora.tasks import DataNotFoundError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment TOML file, e.g. configs/demo.toml")]
+MethodOpt = Annotated[str | None, typer.Option(help="federated method, e.g. fedavg or ffa")]
+EpsilonOpt = Annotated[float | None, typer.Option(help="target epsilon per client (also the budget)")]
+RoundsOpt = Annotated[int | None, typer.Option(help="communication rounds")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="folder holding glue/<TASK>/ (else ASLORA_DATA_DIR, else the hub)")]
+OutputOpt = Annotated[str | None, typer.Option("--output-dir", help="where run directories go (default runs/)")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def _configure(path: Path, overrides: dict[str, Any]) -> ExperimentConfig:
+    return load_config(path).with_overrides(overrides)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    method: MethodOpt = None,
+    epsilon: EpsilonOpt = None,
+    rounds: RoundsOpt = None,
+    seed: Annotated[int | None, typer.Option(help="run seed")] = None,
+    data_dir: DataDirOpt = None,
+    output_dir: OutputOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run one federated experiment and write runs/<id>/."""
+    _setup_logging(verbose)
+    from aslora.experiment import run_experiment
+
+    try:
+        cfg = _configure(
+            config,
+            {"method": method, "privacy.epsilon": epsilon, "federation.rounds": rounds, "seed": seed,
+             "data.dir": data_dir, "output_dir": output_dir},
+        )
+        with _progress() as progress:
+            result = run_experiment(cfg, progress)
+    except (ConfigError, DataNotFoundError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(comparison_table([result.summary], _metric(result.summary)))
+    console.print(f"results in [bold]{result.directory}[/]")
+
+
+@app.command()
+def compare(
+    config: ConfigArg,
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "fedavg,ffa",
+    seeds: Annotated[int, typer.Option(help="number of seeds, counted up from the config's seed")] = 1,
+    epsilon: EpsilonOpt = None,
+    rounds: RoundsOpt = None,
+    data_dir: DataDirOpt = None,
+    output_dir: OutputOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run several methods and seeds on the same partitions; print one table."""
+    _setup_logging(verbose)
+    from aslora.experiment import run_experiment
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        base = _configure(config, {"privacy.epsilon": epsilon, "federation.rounds": rounds,
+                                   "data.dir": data_dir, "output_dir": output_dir})
+        configs = [
+            base.with_overrides({"method": name, "seed": base.seed + s}) for name in names for s in range(seeds)
+        ]
+        summaries, curves = [], {}
+        with _progress() as progress:
+            for cfg in configs:
+                result = run_experiment(cfg, progress)
+                summaries.append(result.summary)
+                curves.setdefault(cfg.method, []).append(result.summary["metric_by_round"])
+    except (ConfigError, DataNotFoundError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    metric = _metric(summaries[0])
+    out = Path(base.output_dir) / f"compare-{datetime.now():%Y%m%d-%H%M%S}-{base.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summaries.json").write_text(json.dumps(summaries, indent=2, default=str))
+    plot_comparison(curves, metric, out / "comparison.png")
+    console.print(comparison_table(summaries, metric))
+    console.print(f"comparison in [bold]{out}[/]")
+
+
+@app.command()
+def privacy(
+    delta: Annotated[float, typer.Option(help="target delta")] = 1e-5,
+    sample_rate: Annotated[float, typer.Option(help="Poisson sampling rate q = b / n")] = 0.01,
+    steps: Annotated[int, typer.Option(help="DP-SGD steps")] = 500,
+    epsilon: Annotated[float | None, typer.Option(help="target epsilon: prints the noise multiplier")] = None,
+    sigma: Annotated[float | None, typer.Option(help="noise multiplier: prints the epsilon it spends")] = None,
+    accountant: Annotated[str, typer.Option(help="rdp or prv")] = "rdp",
+) -> None:
+    """Sigma for a target epsilon, or the epsilon of a given sigma."""
+    if (epsilon is None) == (sigma is None):
+        _fail(ValueError("give exactly one of --epsilon (to get sigma) or --sigma (to get epsilon)"))
+    if not 0 < sample_rate <= 1 or steps < 1 or not 0 < delta < 1 or accountant not in ("rdp", "prv"):
+        _fail(ValueError("need 0 < --sample-rate <= 1, --steps >= 1, 0 < --delta < 1, --accountant rdp|prv"))
+    where = f"q={sample_rate}, steps={steps}, delta={delta}, {accountant} accountant"
+    if epsilon is not None:
+        value = calibrate_noise(epsilon, delta, sample_rate, steps, accountant)
+        console.print(f"noise multiplier sigma = {value:.4f} for epsilon = {epsilon} ({where})")
+    else:
+        value = epsilon_for(sigma, delta, sample_rate, steps, accountant)
+        console.print(f"epsilon = {value:.4f} for noise multiplier sigma = {sigma} ({where})")
+
+
+def _metric(summary: dict[str, Any]) -> str:
+    names = [k for k in summary["final_metrics"] if not k.endswith("loss")]
+    return names[0] if names else "accuracy"

@@ -1,0 +1,94 @@
+"""Local training of one client for one round: set the global factors, DP-SGD for tau steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import TensorDataset
+
+from aslora.adapters import LoraView
+from aslora.methods.base import ClientUpdate, GlobalState, Mask
+from aslora.privacy import DPSettings, mark_empty_batch, new_accountant, private_training
+
+LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """How every client trains: the same for all clients of a run."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    dp: DPSettings
+    accountant: str
+    train_head: bool
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work for one round, as the server hands it out."""
+
+    client_id: int
+    round_index: int
+    seed: int
+    mask: Mask
+
+
+def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Poisson batches without end: a new pass whenever one is exhausted."""
+    while True:
+        yield from loader
+
+
+def train_client(
+    view: LoraView,
+    data: TensorDataset,
+    state: GlobalState,
+    job: ClientJob,
+    settings: LocalSettings,
+    loss_fn: LossFn,
+) -> ClientUpdate:
+    """Run `settings.steps` DP-SGD steps from the global state; return what was trained."""
+    view.set_factors(state.factors)
+    view.set_head(state.head)
+    params = view.set_trainable(job.mask, settings.train_head)
+    torch.manual_seed(job.seed)  # dropout inside the model
+    generator = torch.Generator().manual_seed(job.seed)
+    accountant = new_accountant(settings.accountant)
+    losses, seen = [], 0
+    with private_training(
+        view.model, params, data, settings.batch_size, settings.lr, settings.dp, accountant, generator
+    ) as session:
+        session.module.train()
+        batches = _batches(session.loader)
+        for _ in range(settings.steps):
+            batch = next(batches)
+            session.optimizer.zero_grad(set_to_none=True)
+            size = len(batch[-1])
+            if size == 0:
+                if settings.dp.enabled:
+                    mark_empty_batch(params)
+                    session.optimizer.step()
+                continue
+            loss = loss_fn(session.module, batch)
+            loss.backward()
+            session.optimizer.step()
+            losses.append(float(loss.detach()))
+            seen += size
+    trained = {
+        layer: {f: view.parameter(layer, f).detach().clone() for f in factors}
+        for layer, factors in job.mask.items()
+        if factors
+    }
+    return ClientUpdate(
+        client_id=job.client_id,
+        n_examples=len(data),
+        factors=trained,
+        head=view.get_head() if settings.train_head else {},
+        loss=sum(losses) / len(losses) if losses else float("nan"),
+        examples_seen=seen,
+        privacy_history=list(accountant.history),
+    )

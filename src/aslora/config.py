@@ -1,0 +1,154 @@
+"""The experiment configuration: TOML in, validated by pydantic, frozen.
+
+Every mistake is caught here, before any model is loaded or any example is
+trained on, with a message that names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("fedavg", "ffa")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "minilm",
+        description="'minilm' (embedded all-MiniLM-L6-v2), a local folder or a hub model id",
+    )
+    max_length: int = Field(64, ge=8, le=4096)
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("query", "value")
+    train_head: bool = True
+
+    @model_validator(mode="after")
+    def _targets(self) -> LoraSettings:
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module, e.g. ['query', 'value']")
+        return self
+
+
+class DataConfig(_Section):
+    task: Literal["sst2"] = "sst2"
+    dir: str | None = Field(None, description="local data root; else ASLORA_DATA_DIR, else the hub")
+    num_clients: int = Field(10, ge=1)
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    train_subset: int = Field(0, ge=0, description="0 = all training examples")
+    eval_subset: int = Field(0, ge=0, description="0 = the whole dev split")
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(10, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    local_steps: int = Field(5, ge=1)
+    eval_every: int = Field(1, ge=1)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.5, gt=0)
+    batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
+    eval_batch_size: int = Field(128, ge=1)
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = True
+    epsilon: float | None = Field(3.0, gt=0, description="target and budget per client")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(None, ge=0, description="given directly, else calibrated")
+    clip: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _target(self) -> PrivacyConfig:
+        if self.enabled and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError("privacy needs either 'epsilon' (to calibrate sigma) or 'noise_multiplier'")
+        return self
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    method: Literal[METHODS] = "fedavg"  # type: ignore[valid-type]
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    optim: OptimConfig = OptimConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        fed, data = self.federation, self.data
+        if fed.clients_per_round > data.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={fed.clients_per_round} exceeds "
+                f"data.num_clients={data.num_clients}; sample at most num_clients per round"
+            )
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """A copy with dotted keys replaced ({'privacy.epsilon': 1.0}), validated again."""
+        raw = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return parse_config(raw)
+
+
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
+    """One line per pydantic error: the dotted key, the problem, the allowed values."""
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "<config>"
+    if error["type"] == "extra_forbidden":
+        model: type[BaseModel] = root
+        for part in loc[:-1]:
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) else model
+        allowed = ", ".join(sorted(model.model_fields))
+        return f"unknown key '{key}'; allowed keys here: {allowed}"
+    return f"'{key}': {error['msg']}"
+
+
+def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping; every problem is reported, each with its key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, ExperimentConfig) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as configs/demo.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw)

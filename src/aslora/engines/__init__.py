@@ -1,0 +1,1 @@
+"""Engines carry a round's jobs to the clients: in-process here, Flower elsewhere."""

@@ -1,0 +1,164 @@
+"""One experiment from a validated config: data, model, clients, privacy plan, rounds, results."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from aslora.adapters import LoraView
+from aslora.client import LocalSettings
+from aslora.config import ConfigError, ExperimentConfig
+from aslora.engines.local import LocalEngine
+from aslora.methods import GlobalState, get_method
+from aslora.partition import partition
+from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
+from aslora.results import RunDirectory
+from aslora.server import Federation, RoundRecord, ServerSettings
+from aslora.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The noise every client trains with, and what it buys over the planned steps."""
+
+    enabled: bool
+    noise_multiplier: float
+    max_sample_rate: float
+    planned_steps: int
+    planned_epsilon: float | None
+    delta: float
+    budget: float | None
+
+
+def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
+    """Calibrate sigma for the most exposed client (largest b/n) over its expected steps.
+
+    A client's expected participations are rounds * m / N (rounded up); the
+    server enforces the budget at run time for clients sampled more often.
+    Refuses a directly given sigma that would exceed the configured budget.
+    """
+    p, fed = config.privacy, config.federation
+    participations = math.ceil(fed.rounds * fed.clients_per_round / config.data.num_clients)
+    steps = fed.local_steps * participations
+    q = max(sample_rate(config.optim.batch_size, n) for n in client_sizes)
+    if not p.enabled:
+        return PrivacyPlan(False, 0.0, q, steps, None, p.delta, None)
+    if p.noise_multiplier is not None:
+        sigma = p.noise_multiplier
+        planned = math.inf if sigma == 0 else epsilon_for(sigma, p.delta, q, steps, p.accountant)
+        if p.epsilon is not None and planned > p.epsilon:
+            raise ConfigError(
+                f"privacy.noise_multiplier={sigma} spends epsilon={planned:.3g} over the planned "
+                f"{steps} steps, above the budget privacy.epsilon={p.epsilon}; raise the noise, "
+                "lower rounds or local_steps, or drop noise_multiplier to calibrate it"
+            )
+    else:
+        assert p.epsilon is not None  # guaranteed by the config validator
+        sigma = calibrate_noise(p.epsilon, p.delta, q, steps, p.accountant)
+        planned = epsilon_for(sigma, p.delta, q, steps, p.accountant)
+    return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon)
+
+
+@dataclass
+class RunResult:
+    directory: Path
+    summary: dict[str, Any]
+    records: list[RoundRecord]
+
+
+def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -> RunResult:
+    """Run every round of `config` and write its run directory."""
+    started = time.perf_counter()
+    task = load_task(config)
+    shards = partition(task.train, config.data, config.seed, min_size=config.optim.batch_size)
+    sizes = [len(s) for s in shards]
+    privacy = plan_privacy(config, sizes)
+    log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
+
+    view = LoraView(task.build_model(config))
+    method = get_method(config.method)
+    state = GlobalState(
+        factors=view.get_factors(),
+        head=view.get_head(),
+        scaling={layer: view.scaling(layer) for layer in view.layers},
+    )
+    eval_data = task.encode(task.eval)
+
+    def evaluate(s: GlobalState) -> dict[str, float]:
+        view.set_factors(s.factors)
+        view.set_head(s.head)
+        return task.evaluate(view.model, eval_data, config.optim.eval_batch_size)
+
+    local = LocalSettings(
+        steps=config.federation.local_steps,
+        batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip),
+        accountant=config.privacy.accountant,
+        train_head=config.lora.train_head,
+    )
+    engine = LocalEngine(view, shards, task.encode, local, task.loss)
+    fed = config.federation
+    federation = Federation(
+        method=method,
+        engine=engine,
+        state=state,
+        client_sizes=sizes,
+        settings=ServerSettings(
+            rounds=fed.rounds,
+            clients_per_round=fed.clients_per_round,
+            eval_every=fed.eval_every,
+            seed=config.seed,
+            local_steps=fed.local_steps,
+            batch_size=config.optim.batch_size,
+            noise_multiplier=privacy.noise_multiplier,
+            dp_enabled=privacy.enabled,
+            accountant=config.privacy.accountant,
+            delta=config.privacy.delta,
+            epsilon_budget=privacy.budget,
+        ),
+        evaluate=evaluate,
+        train_head=config.lora.train_head,
+    )
+    run_dir = RunDirectory.create(config)
+    run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
+    initial = evaluate(state)
+    records: list[RoundRecord] = []
+    label = f"{config.method} seed {config.seed}"
+    rounds_task = progress.add_task(f"{label}: rounds", total=fed.rounds) if progress else None
+    clients_task = progress.add_task(f"{label}: clients", total=fed.clients_per_round) if progress else None
+
+    def client_done(_: int) -> None:
+        if progress is not None:
+            progress.advance(clients_task)
+
+    stopped = None
+    for r in range(fed.rounds):
+        if progress is not None:
+            progress.reset(clients_task)
+        record = federation.run_round(r, client_done)
+        if record is None:
+            stopped = "every client has spent its privacy budget"
+            break
+        records.append(record)
+        run_dir.append_record(record)
+        if progress is not None:
+            progress.advance(rounds_task)
+    if progress is not None:
+        progress.remove_task(rounds_task)
+        progress.remove_task(clients_task)
+
+    view.set_factors(federation.state.factors)
+    view.set_head(federation.state.head)
+    run_dir.export_adapter(view)
+    summary = run_dir.summarise(config, records, initial, privacy.noise_multiplier, time.perf_counter() - started, stopped)
+    run_dir.plot(records, config)
+    return RunResult(run_dir.path, summary, records)

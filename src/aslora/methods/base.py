@@ -1,0 +1,127 @@
+"""The method interface and what travels between server and clients.
+
+A method decides which factors each layer trains in a round (`plan`) and how
+the server turns the clients' factors into the next global ones
+(`aggregate`). Both are pure functions of state and updates, so they are
+testable without a model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from aslora.adapters import Factors
+
+Mask = dict[str, tuple[str, ...]]  # layer -> the factors it trains this round
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """The server's model: factors per layer, head, LoRA scalings, method memory."""
+
+    factors: Factors
+    head: dict[str, torch.Tensor]
+    scaling: dict[str, float]
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> GlobalState:
+        return replace(self, **changes)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns after a round: only what it trained."""
+
+    client_id: int
+    n_examples: int
+    factors: Factors
+    head: dict[str, torch.Tensor]
+    loss: float
+    examples_seen: int
+    privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
+    stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """One federated LoRA method: a client rule and a server rule."""
+
+    name: str
+
+    @abstractmethod
+    def plan(self, round_index: int, state: GlobalState) -> Mask:
+        """Which factors every layer trains in this round."""
+
+    @abstractmethod
+    def aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        """The next global state from the clients' trained factors."""
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i t_i, computed in float64 and returned in the inputs' dtype."""
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        acc += float(weight) * tensor.to(torch.float64)
+    return acc.to(tensors[0].dtype)
+
+
+def average_trained_factors(
+    state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+) -> Factors:
+    """Average each (layer, factor) that the clients trained; keep the rest.
+
+    When a layer trains one factor and the other is shared, this is exact:
+    mean(B_i) A = mean(B_i A).
+    """
+    new = {layer: dict(factors) for layer, factors in state.factors.items()}
+    for layer, factors in updates[0].factors.items():
+        for factor in factors:
+            new[layer][factor] = weighted_mean([u.factors[layer][factor] for u in updates], weights)
+    return new
+
+
+def client_factors(state: GlobalState, update: ClientUpdate) -> Factors:
+    """The client's full factors after its round: trained ones from the update, others global."""
+    return {
+        layer: {**factors, **update.factors.get(layer, {})} for layer, factors in state.factors.items()
+    }
+
+
+def aggregation_error(
+    before: GlobalState,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    after: Mapping[str, Mapping[str, torch.Tensor]],
+) -> dict[str, float]:
+    """Per layer ||sum_i p_i s B_i A_i - s B_new A_new||_F / ||sum_i p_i s B_i A_i||_F.
+
+    ALGORITHM.md section 5; 0 where the ideal update is exactly zero.
+    """
+    errors = {}
+    full = [client_factors(before, u) for u in updates]
+    for layer, s in before.scaling.items():
+        ideal = sum(
+            float(w) * s * (f[layer]["B"].double() @ f[layer]["A"].double())
+            for f, w in zip(full, weights, strict=True)
+        )
+        achieved = s * (after[layer]["B"].double() @ after[layer]["A"].double())
+        norm = torch.linalg.matrix_norm(ideal)
+        errors[layer] = (
+            0.0 if norm == 0 else float(torch.linalg.matrix_norm(ideal - achieved) / norm)
+        )
+    return errors
+
+
+class AveragingMethod(Method, ABC):
+    """A method whose server averages each trained factor (exact when one factor trains)."""
+
+    def aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        return state.evolve(factors=average_trained_factors(state, updates, weights))

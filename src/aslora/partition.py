@@ -1,0 +1,43 @@
+"""Split a training set into client shards: IID or Dirichlet over labels (flwr-datasets)."""
+
+from __future__ import annotations
+
+import datasets
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from aslora.config import DataConfig
+
+
+def make_partitioner(data: DataConfig, seed: int, min_size: int) -> Partitioner:
+    if data.partition == "iid":
+        return IidPartitioner(num_partitions=data.num_clients)
+    return DirichletPartitioner(
+        num_partitions=data.num_clients,
+        partition_by="label",
+        alpha=data.dirichlet_alpha,
+        min_partition_size=min_size,
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
+    )
+
+
+def partition(dataset: datasets.Dataset, data: DataConfig, seed: int, min_size: int) -> list[datasets.Dataset]:
+    """One shard per client. Dirichlet shards hold at least `min_size` examples each.
+
+    Raises ValueError with the fix when the data cannot be split that way.
+    """
+    if len(dataset) < data.num_clients * max(min_size, 1):
+        raise ValueError(
+            f"{len(dataset)} training examples cannot give {data.num_clients} clients at least "
+            f"{min_size} each; use fewer clients (data.num_clients) or more data (data.train_subset)"
+        )
+    partitioner = make_partitioner(data, seed, min_size)
+    partitioner.dataset = dataset
+    try:
+        return [partitioner.load_partition(i) for i in range(data.num_clients)]
+    except ValueError as exc:
+        raise ValueError(
+            f"Dirichlet partitioning (alpha={data.dirichlet_alpha}) failed: {exc}. "
+            "Raise data.dirichlet_alpha, lower data.num_clients or optim.batch_size, or use more data"
+        ) from None

@@ -1,0 +1,139 @@
+"""DP-SGD on one client with Opacus, and the per-client privacy accountant.
+
+Opacus is attached afresh for every client round: which parameters are
+trainable may change between rounds, and Opacus breaks if `requires_grad`
+changes while its hooks are attached (IndexError in hooks mode, a clip over
+the wrong parameters in ghost mode). Re-attaching costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """What DP-SGD needs on a client; `enabled=False` trains with plain SGD."""
+
+    enabled: bool
+    noise_multiplier: float
+    clip: float
+
+
+def new_accountant(kind: str) -> IAccountant:
+    """An empty Opacus accountant ('rdp' or 'prv'): one per client."""
+    return create_accountant(mechanism=kind)
+
+
+def restore_accountant(kind: str, history: Sequence[Sequence[float]]) -> IAccountant:
+    """An accountant with a recorded (sigma, q, steps) history."""
+    accountant = new_accountant(kind)
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return accountant
+
+
+def spent_epsilon(accountant: IAccountant, delta: float) -> float:
+    """The epsilon this accountant has spent at `delta` (0 before any step)."""
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The smallest sigma that keeps `steps` Poisson-sampled steps within (epsilon, delta)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def epsilon_for(sigma: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The epsilon of `steps` DP-SGD steps with noise `sigma` at rate `sample_rate`."""
+    return spent_epsilon(restore_accountant(accountant, [(sigma, sample_rate, steps)]), delta)
+
+
+def sample_rate(batch_size: int, n_examples: int) -> float:
+    """Poisson rate q = b / n, capped at 1."""
+    return min(1.0, batch_size / n_examples)
+
+
+@dataclass
+class TrainingSession:
+    """The pieces one client round trains with."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DPDataLoader
+    sample_rate: float
+
+
+@contextmanager
+def private_training(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    dataset: Dataset,
+    batch_size: int,
+    lr: float,
+    dp: DPSettings,
+    accountant: IAccountant,
+    generator: torch.Generator,
+) -> Iterator[TrainingSession]:
+    """Attach Opacus to `model` for one round; detach and clean up afterwards.
+
+    The data loader always Poisson-samples (rate b/n) so that DP and non-DP
+    runs see the same batches. With DP on, every optimiser step clips each
+    example's gradient over `params` jointly to `dp.clip`, adds Gaussian noise
+    of std `sigma * clip`, divides by the expected batch size, and records the
+    step in `accountant`.
+    """
+    rate = sample_rate(batch_size, len(dataset))
+    loader = DPDataLoader(dataset, sample_rate=rate, generator=generator)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    if not dp.enabled:
+        yield TrainingSession(model, optimizer, loader, rate)
+        return
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clip,
+        expected_batch_size=max(1, int(len(dataset) * rate)),
+        generator=generator,
+    )
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+    try:
+        yield TrainingSession(wrapped, dp_optimizer, loader, rate)
+    finally:
+        wrapped.to_standard_module()
+        for p in params:
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+
+
+def mark_empty_batch(params: list[torch.nn.Parameter]) -> None:
+    """Give every parameter an empty per-sample gradient.
+
+    A Poisson batch may be empty; DP-SGD must still take the (noise-only) step
+    so that the accountant's step count stays true.
+    """
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -1,0 +1,93 @@
+"""Plots (matplotlib) and tables (rich) of finished runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+if TYPE_CHECKING:
+    from aslora.server import RoundRecord
+
+
+def plot_run(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
+    """Task metric and spent epsilon per round, side by side."""
+    fig, (ax_metric, ax_eps) = plt.subplots(1, 2, figsize=(10, 4))
+    evaluated = [r for r in records if r.metrics]
+    for name in evaluated[0].metrics if evaluated else []:
+        if name.endswith("loss"):
+            continue
+        ax_metric.plot([r.round for r in evaluated], [r.metrics[name] for r in evaluated], marker="o", label=name)
+    ax_metric.set(xlabel="round", ylabel="metric", title="global model")
+    if evaluated:
+        ax_metric.legend()
+    eps = [(r.round, r.epsilon) for r in records if r.epsilon is not None]
+    if eps:
+        ax_eps.plot(*zip(*eps, strict=True), marker="o")
+    ax_eps.set(xlabel="round", ylabel="epsilon (max over clients)", title="privacy spent")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
+    """One row per method: mean and spread of the final metric over seeds, and costs."""
+    table = Table(title=f"final {metric} (global model)")
+    for column in ("method", "seeds", metric, "epsilon", "agg. error", "agg. time/round", "up/client", "down/client", "wall"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_method.setdefault(s["method"], []).append(s)
+    for method, runs in by_method.items():
+        finals = np.array([r["final_metrics"].get(metric, np.nan) for r in runs], dtype=float)
+        spread = f" ± {finals.std(ddof=1):.4f}" if len(finals) > 1 else ""
+        eps = [r["epsilon"] for r in runs if r["epsilon"] is not None]
+        rounds = max(1, np.mean([r["rounds_completed"] for r in runs]))
+        table.add_row(
+            method,
+            str(len(runs)),
+            f"{np.nanmean(finals):.4f}{spread}",
+            f"{max(eps):.3f}" if eps else "no DP",
+            f"{np.mean([r['mean_agg_error'] for r in runs]):.3g}",
+            f"{np.mean([r['total_agg_time_s'] for r in runs]) / rounds * 1e3:.2f} ms",
+            _size(np.mean([r["mean_bytes_up_per_client"] for r in runs])),
+            _size(np.mean([r["mean_bytes_down_per_client"] for r in runs])),
+            f"{np.mean([r['wall_time_s'] for r in runs]):.0f} s",
+        )
+    return table
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def plot_comparison(curves: dict[str, list[dict[int, dict[str, float]]]], metric: str, path: Path) -> Path:
+    """Metric vs round per method: mean over seeds, shaded min-max."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, runs in curves.items():
+        rounds = sorted(set.intersection(*(set(r) for r in runs)))
+        if not rounds:
+            continue
+        values = np.array([[run[r][metric] for r in rounds] for run in runs])
+        ax.plot(rounds, values.mean(0), marker="o", label=method)
+        if len(runs) > 1:
+            ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2)
+    ax.set(xlabel="round", ylabel=metric, title=f"{metric} of the global model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,94 @@
+"""A run's directory: resolved config, metrics.jsonl, summary.json, adapter, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aslora.adapters import LoraView
+from aslora.config import ExperimentConfig
+from aslora.report import plot_run
+from aslora.server import RoundRecord
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON: NaN and infinities become null (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    """Everything one run writes, under runs/<timestamp>-<name>-<method>-s<seed>/."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, config: ExperimentConfig) -> RunDirectory:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(config.output_dir) / f"{stamp}-{config.name}-{config.method}-s{config.seed}"
+        path, n = base, 1
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        path.mkdir(parents=True)
+        return cls(path)
+
+    def write_config(self, config: ExperimentConfig, resolved_privacy: dict[str, Any]) -> None:
+        body = {"config": config.model_dump(mode="json"), "privacy_plan": resolved_privacy}
+        (self.path / "config.json").write_text(json.dumps(to_json(body), indent=2))
+
+    def append_record(self, record: RoundRecord) -> None:
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(to_json(record.as_json())) + "\n")
+
+    def export_adapter(self, view: LoraView) -> Path:
+        return view.export(self.path / "adapter")
+
+    def summarise(
+        self,
+        config: ExperimentConfig,
+        records: list[RoundRecord],
+        initial: dict[str, float],
+        noise_multiplier: float,
+        wall_time_s: float,
+        stopped: str | None,
+    ) -> dict[str, Any]:
+        evaluated = [r for r in records if r.metrics]
+        final = evaluated[-1].metrics if evaluated else {}
+        summary = {
+            "name": config.name,
+            "method": config.method,
+            "seed": config.seed,
+            "rounds_completed": len(records),
+            "rounds_planned": config.federation.rounds,
+            "stopped_early": stopped,
+            "initial_metrics": initial,
+            "final_metrics": final,
+            "metric_by_round": {r.round: r.metrics for r in evaluated},
+            "epsilon": records[-1].epsilon if records else 0.0,
+            "delta": config.privacy.delta,
+            "noise_multiplier": noise_multiplier,
+            "mean_agg_error": _mean([r.agg_error for r in records]),
+            "total_agg_time_s": sum(r.agg_time_s for r in records),
+            "mean_bytes_up_per_client": _mean([r.bytes_up_per_client for r in records]),
+            "mean_bytes_down_per_client": _mean([r.bytes_down_per_client for r in records]),
+            "rejected_updates": sum(len(r.rejected) for r in records),
+            "wall_time_s": wall_time_s,
+        }
+        (self.path / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
+        return summary
+
+    def plot(self, records: list[RoundRecord], config: ExperimentConfig) -> Path:
+        return plot_run(records, self.path / "metrics.png", title=f"{config.name}: {config.method}")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,245 @@
+"""The federation loop, engine-agnostic: sample, plan, train, validate, aggregate, evaluate.
+
+The server keeps every client's privacy history (what Opacus recorded on the
+client), and never lets a client train a round that would take it past the
+configured (epsilon, delta) budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from aslora.client import ClientJob
+from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, aggregation_error, weighted_mean
+from aslora.privacy import restore_accountant, spent_epsilon
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """Carries a round's jobs to clients and their updates back."""
+
+    def train(
+        self, state: GlobalState, jobs: Sequence[ClientJob], done: Callable[[int], None]
+    ) -> list[ClientUpdate | Exception]: ...
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    rounds: int
+    clients_per_round: int
+    eval_every: int
+    seed: int
+    local_steps: int
+    batch_size: int
+    noise_multiplier: float
+    dp_enabled: bool
+    accountant: str
+    delta: float
+    epsilon_budget: float | None
+
+
+@dataclass
+class RoundRecord:
+    """One line of metrics.jsonl."""
+
+    round: int
+    clients: list[int]
+    rejected: list[int]
+    mask: Mask
+    train_loss: float
+    examples_seen: int
+    epsilon: float | None
+    delta: float
+    agg_error: float
+    agg_error_per_layer: dict[str, float]
+    agg_time_s: float
+    bytes_up_per_client: float
+    bytes_down_per_client: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of a payload as it would travel: serialised with safetensors."""
+    return len(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})) if tensors else 0
+
+
+def flatten(factors: dict[str, dict[str, torch.Tensor]], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One flat name -> tensor map of factors and head, as payloads and checkpoints hold them."""
+    flat = {f"{layer}.lora_{f}": t for layer, fs in factors.items() for f, t in fs.items()}
+    flat.update({f"head.{name}": t for name, t in head.items()})
+    return flat
+
+
+def validate_update(update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool) -> str | None:
+    """Why an update must not be averaged in, or None if it is sound."""
+    expected = {layer: set(fs) for layer, fs in mask.items() if fs}
+    got = {layer: set(fs) for layer, fs in update.factors.items()}
+    if got != expected:
+        return "its factors are not the ones the round trained"
+    if train_head and set(update.head) != set(state.head):
+        return "its head parameters do not match the model's"
+    if update.n_examples <= 0:
+        return "it reports no training examples"
+    tensors = list(flatten(update.factors, update.head).items())
+    reference = flatten(state.factors, state.head)
+    for name, tensor in tensors:
+        if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
+            return f"{name} has shape {tuple(tensor.shape)}/{tensor.dtype}, expected {tuple(reference[name].shape)}"
+        if not torch.isfinite(tensor).all():
+            return f"{name} holds non-finite values"
+    return None
+
+
+class Federation:
+    """Runs the rounds of one experiment over an engine."""
+
+    def __init__(
+        self,
+        method: Method,
+        engine: Engine,
+        state: GlobalState,
+        client_sizes: Sequence[int],
+        settings: ServerSettings,
+        evaluate: Callable[[GlobalState], dict[str, float]],
+        train_head: bool,
+    ) -> None:
+        self.method = method
+        self.engine = engine
+        self.state = state
+        self.sizes = list(client_sizes)
+        self.settings = settings
+        self.evaluate = evaluate
+        self.train_head = train_head
+        self.histories: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(self.sizes))}
+        self._version: dict[str, int] = {name: 0 for name in flatten(state.factors, state.head)}
+        self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
+
+    # privacy -----------------------------------------------------------------
+    def epsilon(self, client: int, extra_round: bool = False) -> float:
+        """The client's spent epsilon, or what it would be after one more round."""
+        history = list(self.histories[client])
+        if extra_round:
+            q = min(1.0, self.settings.batch_size / self.sizes[client])
+            history.append((self.settings.noise_multiplier, q, self.settings.local_steps))
+        return spent_epsilon(restore_accountant(self.settings.accountant, history), self.settings.delta)
+
+    def eligible_clients(self) -> list[int]:
+        """Clients whose next round stays within the privacy budget."""
+        budget = self.settings.epsilon_budget
+        if not self.settings.dp_enabled or budget is None:
+            return list(range(len(self.sizes)))
+        return [i for i in self.histories if self.epsilon(i, extra_round=True) <= budget + 1e-9]
+
+    # one round ---------------------------------------------------------------
+    def sample(self, round_index: int, eligible: Sequence[int]) -> list[int]:
+        rng = np.random.default_rng([self.settings.seed, round_index])
+        m = min(self.settings.clients_per_round, len(eligible))
+        return sorted(int(c) for c in rng.choice(eligible, size=m, replace=False))
+
+    def _download(self, client: int) -> dict[str, torch.Tensor]:
+        """What the client must receive: every tensor that changed since it last synced."""
+        current = flatten(self.state.factors, self.state.head)
+        seen = self._seen[client]
+        return {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]}
+
+    def run_round(self, round_index: int, done: Callable[[int], None] = lambda _: None) -> RoundRecord | None:
+        eligible = self.eligible_clients()
+        if not eligible:
+            log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
+            return None
+        clients = self.sample(round_index, eligible)
+        mask = self.method.plan(round_index, self.state)
+        bytes_down = [payload_bytes(self._download(c)) for c in clients]
+        for c in clients:
+            self._seen[c] = dict(self._version)
+        jobs = [
+            ClientJob(client_id=c, round_index=round_index, seed=_job_seed(self.settings.seed, round_index, c), mask=mask)
+            for c in clients
+        ]
+        results = self.engine.train(self.state, jobs, done)
+        accepted, rejected = [], []
+        for job, result in zip(jobs, results, strict=True):
+            reason = (
+                f"raised {type(result).__name__}: {result}"
+                if isinstance(result, Exception)
+                else validate_update(result, self.state, mask, self.train_head)
+            )
+            if reason is None:
+                accepted.append(result)
+            else:
+                rejected.append(job.client_id)
+                log.warning("round %d: rejected client %d: %s", round_index, job.client_id, reason)
+        for update in accepted:
+            self.histories[update.client_id].extend(update.privacy_history)
+        if not accepted:
+            log.warning("round %d: no valid update; the global model is unchanged", round_index)
+            return self._record(round_index, clients, rejected, mask, [], 0.0, {}, bytes_down)
+        total = sum(u.n_examples for u in accepted)
+        weights = [u.n_examples / total for u in accepted]
+        start = time.perf_counter()
+        new_state = self.method.aggregate(self.state, accepted, weights)
+        if self.train_head:
+            head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
+            new_state = new_state.evolve(head=head)
+        agg_time = time.perf_counter() - start
+        errors = aggregation_error(self.state, accepted, weights, new_state.factors)
+        self._bump_versions(new_state)
+        self.state = new_state
+        return self._record(round_index, clients, rejected, mask, accepted, agg_time, errors, bytes_down)
+
+    def _bump_versions(self, new_state: GlobalState) -> None:
+        old = flatten(self.state.factors, self.state.head)
+        for name, tensor in flatten(new_state.factors, new_state.head).items():
+            if not torch.equal(tensor, old[name]):
+                self._version[name] += 1
+
+    def _record(
+        self,
+        round_index: int,
+        clients: list[int],
+        rejected: list[int],
+        mask: Mask,
+        accepted: list[ClientUpdate],
+        agg_time: float,
+        errors: dict[str, float],
+        bytes_down: list[int],
+    ) -> RoundRecord:
+        ups = [payload_bytes(flatten(u.factors, u.head)) for u in accepted]
+        losses = [u.loss for u in accepted if not math.isnan(u.loss)]
+        settings = self.settings
+        last = round_index == settings.rounds - 1
+        metrics = self.evaluate(self.state) if last or (round_index + 1) % settings.eval_every == 0 else {}
+        return RoundRecord(
+            round=round_index,
+            clients=clients,
+            rejected=rejected,
+            mask=mask,
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            examples_seen=sum(u.examples_seen for u in accepted),
+            epsilon=max(self.epsilon(c) for c in self.histories) if settings.dp_enabled else None,
+            delta=settings.delta,
+            agg_error=float(np.mean(list(errors.values()))) if errors else 0.0,
+            agg_error_per_layer=errors,
+            agg_time_s=agg_time,
+            bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
+            bytes_down_per_client=float(np.mean(bytes_down)) if bytes_down else 0.0,
+            metrics=metrics,
+        )
+
+
+def _job_seed(seed: int, round_index: int, client: int) -> int:
+    """A distinct, reproducible seed for each (run, round, client)."""
+    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
