@@ -22,6 +22,7 @@ class LocalSettings:
     steps: int
     batch_size: int
     lr: float
+    optimizer: str
     dp: DPSettings
     accountant: str
     train_head: bool
@@ -60,7 +61,8 @@ def train_client(
     accountant = new_accountant(settings.accountant)
     losses, seen = [], 0
     with private_training(
-        view.model, params, data, settings.batch_size, settings.lr, settings.dp, accountant, generator
+        view.model, params, data, settings.batch_size, settings.optimizer, settings.lr, settings.dp,
+        accountant, generator,
     ) as session:
         session.module.train()
         batches = _batches(session.loader)

@@ -37,6 +37,10 @@ class LoraSettings(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
+    head_modules: tuple[str, ...] = Field(
+        ("classifier",),
+        description="modules trained fully and averaged (FedAvg) beside LoRA, e.g. classifier, pooler",
+    )
 
     @model_validator(mode="after")
     def _targets(self) -> LoraSettings:
@@ -63,6 +67,9 @@ class FederationConfig(_Section):
 
 
 class OptimConfig(_Section):
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="applied to the privatised gradient (post-processing, no privacy cost)"
+    )
     lr: float = Field(0.5, gt=0)
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
     eval_batch_size: int = Field(128, ge=1)

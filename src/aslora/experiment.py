@@ -101,6 +101,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
         steps=config.federation.local_steps,
         batch_size=config.optim.batch_size,
         lr=config.optim.lr,
+        optimizer=config.optim.optimizer,
         dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip),
         accountant=config.privacy.accountant,
         train_head=config.lora.train_head,

@@ -19,7 +19,14 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from aslora.client import ClientJob
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, aggregation_error, weighted_mean
+from aslora.methods.base import (
+    ClientUpdate,
+    GlobalState,
+    Mask,
+    Method,
+    aggregation_error,
+    weighted_mean,
+)
 from aslora.privacy import restore_accountant, spent_epsilon
 
 log = logging.getLogger(__name__)

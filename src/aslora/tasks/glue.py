@@ -108,12 +108,20 @@ class GlueTask:
             self.model_path, num_labels=self.num_labels
         )
         lora = config.lora
+        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        missing = [m for m in lora.head_modules if m not in present]
+        if missing:
+            raise ValueError(
+                f"lora.head_modules names {missing}, which {type(base).__name__} does not have; "
+                "name modules of the model's head (BERT-like models: classifier, pooler)"
+            )
         peft_config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
+            modules_to_save=list(lora.head_modules),
         )
         try:
             return get_peft_model(base, peft_config)

@@ -1,0 +1,5 @@
+"""`python -m aslora`: the command line."""
+
+from aslora.cli import app
+
+app()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the local data copy and a small, fast SST-2 experiment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aslora.config import ExperimentConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The local data root (ASLORA_DATA_DIR, else ../shared/data); the tests need real data."""
+    root = Path(os.environ.get("ASLORA_DATA_DIR") or REPO.parent / "shared" / "data")
+    if not (root / "glue" / "SST-2" / "train.tsv").is_file():
+        pytest.fail(f"SST-2 not found under {root}; set ASLORA_DATA_DIR to the data folder")
+    return root
+
+
+@pytest.fixture
+def tiny_config(data_dir: Path, tmp_path: Path) -> ExperimentConfig:
+    """The demo experiment shrunk to seconds: 4 clients, short texts, a data subset."""
+    return load_config(REPO / "configs" / "demo.toml").with_overrides(
+        {
+            "output_dir": str(tmp_path / "runs"),
+            "data.dir": str(data_dir),
+            "data.num_clients": 4,
+            "data.train_subset": 400,
+            "data.eval_subset": 128,
+            "model.max_length": 32,
+            "federation.rounds": 2,
+            "federation.clients_per_round": 2,
+            "federation.local_steps": 4,
+            "federation.eval_every": 1,
+            "optim.batch_size": 16,
+        }
+    )

@@ -1,0 +1,87 @@
+"""A config error fails before any training, naming the key and what it accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aslora.config import METHODS, ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_is_valid() -> None:
+    config = load_config(REPO / "configs" / "demo.toml")
+    assert config.data.num_clients == 10
+    assert config.data.partition == "dirichlet" and config.data.dirichlet_alpha == 0.5
+    assert config.privacy.epsilon == 3.0
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"federation": {"round": 3}})
+    message = str(err.value)
+    assert "federation.round" in message
+    assert "rounds" in message and "clients_per_round" in message
+
+
+def test_unknown_top_level_section() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'trainig'.*federation"):
+        parse_config({"trainig": {}})
+
+
+def test_unknown_method_lists_the_methods() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"method": "fedprox"})
+    assert "'method'" in str(err.value)
+    for name in METHODS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"federation": {"rounds": 0}}, "federation.rounds"),
+        ({"privacy": {"delta": 1.5}}, "privacy.delta"),
+        ({"privacy": {"clip": -1}}, "privacy.clip"),
+        ({"data": {"partition": "shards"}}, "data.partition"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+    ],
+)
+def test_impossible_values_name_their_key(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(raw)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"federation": {"rounds": 0, "local_steps": 0}})
+    assert "federation.rounds" in str(err.value) and "federation.local_steps" in str(err.value)
+
+
+def test_more_clients_per_round_than_clients() -> None:
+    with pytest.raises(ConfigError, match="clients_per_round=20 exceeds data.num_clients=10"):
+        parse_config({"data": {"num_clients": 10}, "federation": {"clients_per_round": 20}})
+
+
+def test_privacy_needs_a_target() -> None:
+    with pytest.raises(ConfigError, match="epsilon.*noise_multiplier"):
+        parse_config({"privacy": {"epsilon": None}})
+
+
+def test_overrides_are_validated() -> None:
+    config = load_config(REPO / "configs" / "demo.toml")
+    assert config.with_overrides({"privacy.epsilon": 1.0}).privacy.epsilon == 1.0
+    with pytest.raises(ConfigError, match="privacy.epsilon"):
+        config.with_overrides({"privacy.epsilon": -1.0})
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
