@@ -40,7 +40,7 @@ def _load_local(folder: Path) -> datasets.DatasetDict:
 def _load_hub(hub_config: str, root_hint: str) -> datasets.DatasetDict:
     try:
         loaded = datasets.load_dataset(HUB_DATASET, hub_config)
-    except Exception as exc:  # the hub raises many types when offline
+    except Exception as exc:  # noqa: BLE001 - the hub raises many types when offline
         raise DataNotFoundError(
             f"could not load GLUE/{hub_config} from the hub ({type(exc).__name__}) and no local "
             f"copy is configured. Put the files at {root_hint} and pass --data-dir DIR "
