@@ -48,13 +48,22 @@ def _toml(config: ExperimentConfig) -> str:
 
 @pytest.mark.parametrize("method", ["fedavg", "ffa"])
 def test_two_rounds_without_noise_improve_over_the_untrained_model(tiny_config: ExperimentConfig, method: str) -> None:
-    # IID clients: this checks that training learns, not how it copes with skew.
-    raw = tiny_config.with_overrides({"method": method, "data.partition": "iid"}).model_dump(mode="json")
+    # IID clients, Adam and a trained pooler: this checks that the federation
+    # learns, with settings under which MiniLM learns in a few steps.
+    overrides = {
+        "method": method,
+        "data.partition": "iid",
+        "optim.optimizer": "adam",
+        "optim.lr": 0.003,
+        "lora.head_modules": ["classifier", "pooler"],
+        "optim.batch_size": 32,
+        "federation.local_steps": 6,
+    }
+    raw = tiny_config.with_overrides(overrides).model_dump(mode="json")
     raw["privacy"].update(epsilon=None, noise_multiplier=0.0)  # DP-SGD's clipping, no noise
     result = run_experiment(parse_config(raw))
     initial, final = result.summary["initial_metrics"], result.summary["final_metrics"]
-    assert final["eval_loss"] < initial["eval_loss"] - 0.01
-    assert final["accuracy"] > initial["accuracy"]
+    assert final["accuracy"] > initial["accuracy"] + 0.1
     assert result.summary["epsilon"] == float("inf")  # no noise buys no privacy, and says so
 
 

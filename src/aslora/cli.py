@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,11 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    # Harmless and repeated every client round: Opacus's full backward hooks on
+    # modules whose inputs need no gradient, and a transformers deprecation
+    # that PEFT triggers.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from aslora.adapters import LoraView
+from aslora.adapters import FACTORS, LoraView
 from aslora.methods.base import ClientUpdate, GlobalState, Mask
 from aslora.privacy import DPSettings, mark_empty_batch, new_accountant, private_training
+from aslora.selection import MomentTracker
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
@@ -36,6 +37,7 @@ class ClientJob:
     round_index: int
     seed: int
     mask: Mask
+    observe: bool = False  # all factors in the DP clip; upload G, Q, T (AS-LoRA)
 
 
 def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -52,17 +54,35 @@ def train_client(
     settings: LocalSettings,
     loss_fn: LossFn,
 ) -> ClientUpdate:
-    """Run `settings.steps` DP-SGD steps from the global state; return what was trained."""
+    """Run `settings.steps` DP-SGD steps from the global state; return what was trained.
+
+    With `job.observe`, every LoRA factor joins the per-sample gradient (one
+    joint clip), the privatised gradient of every factor feeds the moment
+    tracker, and only the masked factors are updated.
+    """
     view.set_factors(state.factors)
     view.set_head(state.head)
-    params = view.set_trainable(job.mask, settings.train_head)
+    tracker, on_gradient = None, None
+    if job.observe:
+        params = view.set_trainable(dict.fromkeys(view.layers, FACTORS), settings.train_head)
+        tracker = MomentTracker({(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS})
+        frozen = [
+            view.parameter(layer, f) for layer in view.layers for f in FACTORS if f not in job.mask.get(layer, ())
+        ]
+
+        def on_gradient() -> None:
+            tracker.observe()
+            for p in frozen:  # seen by the score, never applied: inactive factors stay put
+                p.grad = None
+    else:
+        params = view.set_trainable(job.mask, settings.train_head)
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
     losses, seen = [], 0
     with private_training(
         view.model, params, data, settings.batch_size, settings.optimizer, settings.lr, settings.dp,
-        accountant, generator,
+        accountant, generator, on_gradient,
     ) as session:
         session.module.train()
         batches = _batches(session.loader)
@@ -73,11 +93,11 @@ def train_client(
             if size == 0:
                 if settings.dp.enabled:
                     mark_empty_batch(params)
-                    session.optimizer.step()
+                    session.step()
                 continue
             loss = loss_fn(session.module, batch)
             loss.backward()
-            session.optimizer.step()
+            session.step()
             losses.append(float(loss.detach()))
             seen += size
     trained = {
@@ -93,4 +113,5 @@ def train_client(
         loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
         privacy_history=list(accountant.history),
+        stats=tracker.statistics(session.noise_variance) if tracker is not None else {},
     )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedavg", "ffa")
+METHODS = ("fedavg", "ffa", "rolora", "aslora")
 
 
 class ConfigError(ValueError):
@@ -75,6 +75,21 @@ class OptimConfig(_Section):
     eval_batch_size: int = Field(128, ge=1)
 
 
+class SelectionConfig(_Section):
+    """AS-LoRA's factor choice (ALGORITHM.md section 4); used by method 'aslora'."""
+
+    score: Literal["curvature", "first_order", "random", "always_b", "alternate"] = "curvature"
+    granularity: Literal["layer", "tied", "group"] = "layer"
+    groups: tuple[str, ...] = Field(
+        ("block",),
+        description="for granularity 'group': ['block'], ['module'] or regular expressions over layer names",
+    )
+    beta: float = Field(0.9, ge=0, lt=1, description="EMA factor of the scores")
+    hysteresis: float = Field(0.0, ge=0, description="switch only if S_other > S_current + h |S_current|")
+    min_dwell: int = Field(1, ge=1, description="rounds a factor stays active before it may switch")
+    warmup_rounds: int = Field(0, ge=0, description="rounds that train B everywhere before selection")
+
+
 class PrivacyConfig(_Section):
     enabled: bool = True
     epsilon: float | None = Field(3.0, gt=0, description="target and budget per client")
@@ -101,6 +116,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     optim: OptimConfig = OptimConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    selection: SelectionConfig = SelectionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

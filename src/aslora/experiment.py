@@ -15,7 +15,7 @@ from aslora.adapters import LoraView
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
-from aslora.methods import GlobalState, get_method
+from aslora.methods import GlobalState, SelectionContext, get_method
 from aslora.partition import partition
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
 from aslora.results import RunDirectory
@@ -67,6 +67,18 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPl
     return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon)
 
 
+def selection_context(config: ExperimentConfig, privacy: PrivacyPlan) -> SelectionContext:
+    """AS-LoRA's view of the run: step size, local steps, per-coordinate DP noise variance."""
+    noise_std = privacy.noise_multiplier * config.privacy.clip / config.optim.batch_size
+    return SelectionContext(
+        config=config.selection,
+        eta=config.optim.lr,
+        tau=config.federation.local_steps,
+        nu=noise_std**2 if privacy.enabled else 0.0,
+        seed=config.seed,
+    )
+
+
 @dataclass
 class RunResult:
     directory: Path
@@ -84,7 +96,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
 
     view = LoraView(task.build_model(config))
-    method = get_method(config.method)
+    method = get_method(config.method, selection_context(config, privacy))
     state = GlobalState(
         factors=view.get_factors(),
         head=view.get_head(),

@@ -8,8 +8,9 @@ the wrong parameters in ghost mode). Re-attaching costs a few milliseconds.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ def spent_epsilon(accountant: IAccountant, delta: float) -> float:
     """The epsilon this accountant has spent at `delta` (0 before any step)."""
     if not accountant.history:
         return 0.0
+    if any(sigma == 0 for sigma, _, _ in accountant.history):
+        return math.inf  # a noiseless step releases the data: no finite guarantee
     return float(accountant.get_epsilon(delta=delta, **_epsilon_options(accountant)))
 
 
@@ -104,6 +107,18 @@ class TrainingSession:
     optimizer: torch.optim.Optimizer
     loader: DPDataLoader
     sample_rate: float
+    noise_variance: float  # nu = (sigma C / b)^2 per coordinate of one step's gradient
+    on_gradient: Callable[[], None] | None = None
+
+    def step(self) -> None:
+        """Apply the step; `on_gradient` first sees the gradient as it will be applied.
+
+        With DP that is the clipped, noised, averaged gradient (Opacus calls the
+        hook after adding noise); without DP, the plain gradient.
+        """
+        if self.on_gradient is not None and not isinstance(self.optimizer, DPOptimizer):
+            self.on_gradient()
+        self.optimizer.step()
 
 
 @contextmanager
@@ -117,6 +132,7 @@ def private_training(
     dp: DPSettings,
     accountant: IAccountant,
     generator: torch.Generator,
+    on_gradient: Callable[[], None] | None = None,
 ) -> Iterator[TrainingSession]:
     """Attach Opacus to `model` for one round; detach and clean up afterwards.
 
@@ -124,13 +140,14 @@ def private_training(
     runs see the same batches. With DP on, every optimiser step clips each
     example's gradient over `params` jointly to `dp.clip`, adds Gaussian noise
     of std `sigma * clip`, divides by the expected batch size, and records the
-    step in `accountant`.
+    step in `accountant`. `on_gradient` runs on every step's final gradient,
+    before the optimiser applies it.
     """
     rate = sample_rate(batch_size, len(dataset))
     loader = DPDataLoader(dataset, sample_rate=rate, generator=generator)
     optimizer = OPTIMIZERS[optimizer_name](params, lr=lr)
     if not dp.enabled:
-        yield TrainingSession(model, optimizer, loader, rate)
+        yield TrainingSession(model, optimizer, loader, rate, 0.0, on_gradient)
         return
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_optimizer = DPOptimizer(
@@ -140,9 +157,17 @@ def private_training(
         expected_batch_size=max(1, int(len(dataset) * rate)),
         generator=generator,
     )
-    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+    account = accountant.get_optimizer_hook_fn(sample_rate=rate)
+
+    def after_noise(optim: DPOptimizer) -> None:  # Opacus holds a single step hook
+        account(optim)
+        if on_gradient is not None:
+            on_gradient()
+
+    dp_optimizer.attach_step_hook(after_noise)
+    nu = (dp.noise_multiplier * dp.clip / dp_optimizer.expected_batch_size) ** 2
     try:
-        yield TrainingSession(wrapped, dp_optimizer, loader, rate)
+        yield TrainingSession(wrapped, dp_optimizer, loader, rate, nu, on_gradient)
     finally:
         wrapped.to_standard_module()
         for p in params:

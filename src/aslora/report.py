@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,28 @@ def plot_run(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_mask(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
+    """The layer x round map of the factor each layer trained (AS-LoRA's choices)."""
+    layers = list(records[0].mask)
+    grid = np.array([[1.0 if "A" in r.mask[layer] else 0.0 for r in records] for layer in layers])
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(records) + 2), max(3, 0.25 * len(layers) + 1)))
+    ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(layers)), [_short(layer) for layer in layers], fontsize=7)
+    ax.set_xticks(range(len(records)), [str(r.round) for r in records], fontsize=7)
+    ax.set(xlabel="round", title=f"{title}: trained factor (red A, blue B)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _short(layer: str) -> str:
+    """'bert.encoder.layer.3.attention.self.query' -> 'layer.3.query'."""
+    parts = layer.split(".")
+    numbered = [f"{p}.{n}" for p, n in pairwise(parts) if n.isdigit()]
+    return ".".join([*numbered[-1:], parts[-1]])
 
 
 def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:

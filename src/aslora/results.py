@@ -10,7 +10,7 @@ from typing import Any
 
 from aslora.adapters import LoraView
 from aslora.config import ExperimentConfig
-from aslora.report import plot_run
+from aslora.report import plot_mask, plot_run
 from aslora.server import RoundRecord
 
 
@@ -86,8 +86,12 @@ class RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
         return summary
 
-    def plot(self, records: list[RoundRecord], config: ExperimentConfig) -> Path:
-        return plot_run(records, self.path / "metrics.png", title=f"{config.name}: {config.method}")
+    def plot(self, records: list[RoundRecord], config: ExperimentConfig) -> list[Path]:
+        title = f"{config.name}: {config.method}"
+        paths = [plot_run(records, self.path / "metrics.png", title=title)]
+        if config.method == "aslora" and records:
+            paths.append(plot_mask(records, self.path / "mask.png", title=title))
+        return paths
 
 
 def _mean(values: list[float]) -> float:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from aslora.adapters import FACTORS
 from aslora.client import ClientJob
 from aslora.methods.base import (
     ClientUpdate,
@@ -73,6 +74,7 @@ class RoundRecord:
     bytes_up_per_client: float
     bytes_down_per_client: float
     metrics: dict[str, float] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
@@ -90,7 +92,20 @@ def flatten(factors: dict[str, dict[str, torch.Tensor]], head: dict[str, torch.T
     return flat
 
 
-def validate_update(update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool) -> str | None:
+def upload(update: ClientUpdate) -> dict[str, torch.Tensor]:
+    """What a client sends: its trained factors, its head, and its score statistics."""
+    payload = flatten(update.factors, update.head)
+    for layer, factors in update.stats.items():
+        payload[f"{layer}.stats"] = torch.tensor(
+            [v for f in sorted(factors) for v in (factors[f]["G"], factors[f]["Q"], factors[f]["T"])],
+            dtype=torch.float32,
+        )
+    return payload
+
+
+def validate_update(
+    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, observes: bool = False
+) -> str | None:
     """Why an update must not be averaged in, or None if it is sound."""
     expected = {layer: set(fs) for layer, fs in mask.items() if fs}
     got = {layer: set(fs) for layer, fs in update.factors.items()}
@@ -100,6 +115,12 @@ def validate_update(update: ClientUpdate, state: GlobalState, mask: Mask, train_
         return "its head parameters do not match the model's"
     if update.n_examples <= 0:
         return "it reports no training examples"
+    if observes:
+        if {layer: set(fs) for layer, fs in update.stats.items()} != {key: set(FACTORS) for key in state.factors}:
+            return "its score statistics do not cover every layer and factor"
+        values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            return "its score statistics are negative or non-finite"
     tensors = list(flatten(update.factors, update.head).items())
     reference = flatten(state.factors, state.head)
     for name, tensor in tensors:
@@ -173,7 +194,13 @@ class Federation:
         for c in clients:
             self._seen[c] = dict(self._version)
         jobs = [
-            ClientJob(client_id=c, round_index=round_index, seed=_job_seed(self.settings.seed, round_index, c), mask=mask)
+            ClientJob(
+                client_id=c,
+                round_index=round_index,
+                seed=_job_seed(self.settings.seed, round_index, c),
+                mask=mask,
+                observe=self.method.observes,
+            )
             for c in clients
         ]
         results = self.engine.train(self.state, jobs, done)
@@ -182,7 +209,7 @@ class Federation:
             reason = (
                 f"raised {type(result).__name__}: {result}"
                 if isinstance(result, Exception)
-                else validate_update(result, self.state, mask, self.train_head)
+                else validate_update(result, self.state, mask, self.train_head, self.method.observes)
             )
             if reason is None:
                 accepted.append(result)
@@ -224,7 +251,7 @@ class Federation:
         errors: dict[str, float],
         bytes_down: list[int],
     ) -> RoundRecord:
-        ups = [payload_bytes(flatten(u.factors, u.head)) for u in accepted]
+        ups = [payload_bytes(upload(u)) for u in accepted]
         losses = [u.loss for u in accepted if not math.isnan(u.loss)]
         settings = self.settings
         last = round_index == settings.rounds - 1
@@ -244,6 +271,7 @@ class Federation:
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
             bytes_down_per_client=float(np.mean(bytes_down)) if bytes_down else 0.0,
             metrics=metrics,
+            selection=self.method.describe(self.state) if accepted else {},
         )
 
 

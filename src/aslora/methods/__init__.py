@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from aslora.methods.aslora import ASLoRA, SelectionContext
 from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method
 from aslora.methods.fedavg import FedAvg
 from aslora.methods.ffa import FFA
+from aslora.methods.rolora import RoLoRA
 
-_METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA)}
-
-
-def get_method(name: str) -> Method:
-    """A fresh instance of the named method."""
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
-    return _METHODS[name]()
+_SIMPLE: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA)}
+NAMES = (*_SIMPLE, ASLoRA.name)
 
 
-__all__ = ["ClientUpdate", "GlobalState", "Mask", "Method", "get_method"]
+def get_method(name: str, selection: SelectionContext | None = None) -> Method:
+    """A fresh instance of the named method; 'aslora' needs its selection context."""
+    if name == ASLoRA.name:
+        if selection is None:
+            raise ValueError("method 'aslora' needs a SelectionContext (step size, steps, DP noise)")
+        return ASLoRA(selection)
+    if name not in _SIMPLE:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(NAMES)}")
+    return _SIMPLE[name]()
+
+
+__all__ = ["ClientUpdate", "GlobalState", "Mask", "Method", "SelectionContext", "get_method"]

@@ -51,6 +51,7 @@ class Method(ABC):
     """One federated LoRA method: a client rule and a server rule."""
 
     name: str
+    observes: bool = False  # True: clients clip all factors jointly and upload G, Q, T
 
     @abstractmethod
     def plan(self, round_index: int, state: GlobalState) -> Mask:
@@ -61,6 +62,10 @@ class Method(ABC):
         self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> GlobalState:
         """The next global state from the clients' trained factors."""
+
+    def describe(self, state: GlobalState) -> dict[str, Any]:
+        """Method-specific figures to log with the round (AS-LoRA: its scores)."""
+        return {}
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

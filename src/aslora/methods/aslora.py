@@ -1,0 +1,85 @@
+"""AS-LoRA: every layer trains one factor per round, chosen from EMA-smoothed scores.
+
+Aggregation averages each layer's active factor (exact). The choice for the
+next round comes from the clients' privatised-gradient statistics (G, Q, T per
+layer and factor), scored, smoothed and decided as in `selection.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aslora.config import SelectionConfig
+from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask
+from aslora.selection import (
+    SCORED,
+    DecisionSettings,
+    ScoreSettings,
+    decide,
+    layer_groups,
+    mean_statistics,
+    score,
+    update_ema,
+)
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What the selection needs from the run: its settings, step size, steps, DP noise, seed."""
+
+    config: SelectionConfig
+    eta: float
+    tau: int
+    nu: float
+    seed: int
+
+
+class ASLoRA(AveragingMethod):
+    name = "aslora"
+
+    def __init__(self, context: SelectionContext) -> None:
+        self.context = context
+        self.observes = context.config.score in SCORED
+
+    def _decision(self, state: GlobalState) -> DecisionSettings:
+        c = self.context.config
+        return DecisionSettings(
+            score=c.score,
+            groups=layer_groups(list(state.factors), c.granularity, c.groups),
+            hysteresis=c.hysteresis,
+            min_dwell=c.min_dwell,
+            warmup_rounds=c.warmup_rounds,
+            seed=self.context.seed,
+        )
+
+    def plan(self, round_index: int, state: GlobalState) -> Mask:
+        memory = state.memory
+        mask = decide(round_index, self._decision(state), memory.get("ema", {}), memory.get("history", []))
+        return {layer: (factor,) for layer, factor in mask.items()}
+
+    def aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        new = super().aggregate(state, updates, weights)
+        trained = {layer: next(iter(factors)) for layer, factors in updates[0].factors.items()}
+        memory: dict[str, Any] = {
+            "history": [*state.memory.get("history", []), trained],
+            "ema": state.memory.get("ema", {}),
+        }
+        if self.observes:
+            stats = mean_statistics([u.stats for u in updates], weights)
+            settings = ScoreSettings(self.context.config.score, self.context.eta, self.context.tau, self.context.nu)
+            scores = {
+                layer: {f: score(values, settings, len(updates)) for f, values in factors.items()}
+                for layer, factors in stats.items()
+            }
+            memory.update(
+                stats=stats, scores=scores, ema=update_ema(memory["ema"], scores, self.context.config.beta)
+            )
+        return new.evolve(memory=memory)
+
+    def describe(self, state: GlobalState) -> dict[str, Any]:
+        """The round's mean statistics, raw scores and EMA scores per layer, for metrics.jsonl."""
+        return {k: state.memory[k] for k in ("stats", "scores", "ema") if k in state.memory}

@@ -1,0 +1,198 @@
+"""AS-LoRA's factor selection (ALGORITHM.md section 4): statistics, score, EMA, decision.
+
+The client side (`MomentTracker`) sees only the privatised gradient that
+DP-SGD already released, so everything here is post-processing: no privacy
+cost. The server side turns the clients' `G, Q, T` into a score per layer and
+factor, smooths it, and decides which factor every layer trains next.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FactorStats = dict[str, dict[str, dict[str, float]]]  # layer -> factor -> {"G", "Q", "T"}
+SCORED = ("curvature", "first_order")  # scores that need the clients' statistics
+SCHEDULES = ("random", "always_b", "alternate")  # choices made without statistics
+
+
+class MomentTracker:
+    """Per-factor first and second moments of the privatised gradient over a round (4.1)."""
+
+    def __init__(self, factors: Mapping[tuple[str, str], torch.nn.Parameter]) -> None:
+        self.factors = dict(factors)
+        self.total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
+        self.total_sq = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
+        self.steps = 0
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Add this step's gradient (already clipped, noised and averaged by DP-SGD)."""
+        for key, p in self.factors.items():
+            if p.grad is None:
+                raise RuntimeError(f"no gradient for {key}: every LoRA factor must be in the DP-SGD step")
+            g = p.grad.detach().to(torch.float64)
+            self.total[key] += g
+            self.total_sq[key] += g * g
+        self.steps += 1
+
+    def statistics(self, nu: float) -> FactorStats:
+        """G, Q, T per layer and factor, debiased by the per-coordinate noise variance `nu`."""
+        stats: FactorStats = {}
+        for (layer, factor), total in self.total.items():
+            stats.setdefault(layer, {})[factor] = moment_statistics(
+                total / max(self.steps, 1), self.total_sq[(layer, factor)] / max(self.steps, 1), self.steps, nu
+            )
+        return stats
+
+
+def moment_statistics(m1: torch.Tensor, m2: torch.Tensor, steps: int, nu: float) -> dict[str, float]:
+    """G = max(||m1||^2 - nu dim / tau, 0); F = max(m2 - nu, 0); Q = sum F m1^2; T = sum F."""
+    if steps == 0:
+        return {"G": 0.0, "Q": 0.0, "T": 0.0}
+    fisher = torch.clamp(m2 - nu, min=0.0)
+    g = max(float((m1 * m1).sum()) - nu * m1.numel() / steps, 0.0)
+    return {"G": g, "Q": float((fisher * m1 * m1).sum()), "T": float(fisher.sum())}
+
+
+def mean_statistics(per_client: Sequence[FactorStats], weights: Sequence[float]) -> FactorStats:
+    """The weighted mean over clients of every G, Q, T."""
+    mean: FactorStats = {}
+    for layer, factors in per_client[0].items():
+        for factor, values in factors.items():
+            mean.setdefault(layer, {})[factor] = {
+                k: float(sum(w * s[layer][factor][k] for s, w in zip(per_client, weights, strict=True)))
+                for k in values
+            }
+    return mean
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What the score of 4.2 needs: step size, local steps, noise variance."""
+
+    kind: str  # "curvature" or "first_order"
+    eta: float
+    tau: int
+    nu: float
+
+
+def score(stats: Mapping[str, float], settings: ScoreSettings, clients: int) -> float:
+    """Predicted loss decrease of training this factor for one more round (4.2)."""
+    eta_r = settings.eta * settings.tau
+    first = eta_r * stats["G"]
+    if settings.kind == "first_order":
+        return first
+    curvature = 0.5 * eta_r**2 * stats["Q"]
+    smoothing = 0.5 * settings.eta**2 * (settings.tau * settings.nu / max(clients, 1)) * stats["T"]
+    return first - curvature - smoothing
+
+
+def layer_groups(layers: Sequence[str], granularity: str, patterns: Sequence[str] = ()) -> list[list[str]]:
+    """The units that decide together: each layer, all layers, or groups.
+
+    `patterns` (for 'group'): regular expressions; a layer joins the first one
+    it matches (re.search). 'block' and 'module' are shortcuts: one group per
+    transformer block index, or per module name (query, value, ...).
+    """
+    if granularity == "layer":
+        return [[layer] for layer in layers]
+    if granularity == "tied":
+        return [list(layers)]
+    keys: dict[str, list[str]] = {}
+    for layer in layers:
+        keys.setdefault(_group_key(layer, patterns), []).append(layer)
+    return list(keys.values())
+
+
+def _group_key(layer: str, patterns: Sequence[str]) -> str:
+    if list(patterns) == ["block"]:
+        found = re.search(r"\.(\d+)\.", layer)
+        if found is None:
+            raise ValueError(f"layer {layer} has no block index; use explicit selection.groups patterns")
+        return found.group(1)
+    if list(patterns) == ["module"]:
+        return layer.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if re.search(pattern, layer):
+            return pattern
+    raise ValueError(
+        f"layer {layer} matches none of selection.groups {list(patterns)}; add a pattern for it "
+        "(regular expressions, or ['block'] / ['module'])"
+    )
+
+
+def dwell(history: Sequence[Mapping[str, str]], layer: str) -> int:
+    """How many of the latest rounds `layer` has trained its current factor."""
+    if not history:
+        return 0
+    current, count = history[-1][layer], 0
+    for mask in reversed(history):
+        if mask[layer] != current:
+            break
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """The EMA decision of 4.3 and the switches of 4.4."""
+
+    score: str
+    groups: list[list[str]]
+    hysteresis: float
+    min_dwell: int
+    warmup_rounds: int
+    seed: int
+
+
+def decide(
+    round_index: int,
+    settings: DecisionSettings,
+    ema: Mapping[str, Mapping[str, float]],
+    history: Sequence[Mapping[str, str]],
+) -> dict[str, str]:
+    """The factor every layer trains in `round_index`.
+
+    Round 0 and warm-up rounds train B. Fixed schedules ignore the scores.
+    Otherwise each unit (layer, all layers, or group) compares its summed EMA
+    scores and switches only if the other factor beats the current one by the
+    hysteresis margin and the current one has been active `min_dwell` rounds;
+    ties keep the current factor.
+    """
+    layers = [layer for group in settings.groups for layer in group]
+    if round_index == 0 or round_index < settings.warmup_rounds or settings.score == "always_b":
+        return dict.fromkeys(layers, "B")
+    if settings.score == "alternate":
+        return dict.fromkeys(layers, "B" if round_index % 2 == 0 else "A")
+    if settings.score == "random":
+        rng = np.random.default_rng([settings.seed, round_index])
+        coins = rng.integers(0, 2, size=len(settings.groups))
+        return {layer: "AB"[int(c)] for group, c in zip(settings.groups, coins, strict=True) for layer in group}
+    previous = history[-1] if history else dict.fromkeys(layers, "B")
+    mask = {}
+    for group in settings.groups:
+        current = previous[group[0]]
+        other = "A" if current == "B" else "B"
+        s_current = sum(ema.get(layer, {}).get(current, 0.0) for layer in group)
+        s_other = sum(ema.get(layer, {}).get(other, 0.0) for layer in group)
+        switch = (
+            s_other > s_current + settings.hysteresis * abs(s_current)
+            and dwell(history, group[0]) >= settings.min_dwell
+        )
+        mask.update(dict.fromkeys(group, other if switch else current))
+    return mask
+
+
+def update_ema(
+    ema: Mapping[str, Mapping[str, float]], scores: Mapping[str, Mapping[str, float]], beta: float
+) -> dict[str, dict[str, float]]:
+    """S(t) = beta S(t-1) + (1 - beta) s(t), per layer and factor (S(-1) = 0)."""
+    return {
+        layer: {f: beta * ema.get(layer, {}).get(f, 0.0) + (1 - beta) * s for f, s in factors.items()}
+        for layer, factors in scores.items()
+    }

@@ -1,0 +1,188 @@
+"""AS-LoRA's statistics, score and decisions (ALGORITHM.md section 4), without a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aslora.methods.base import (
+    ClientUpdate,
+    GlobalState,
+    aggregation_error,
+    average_trained_factors,
+)
+from aslora.selection import (
+    DecisionSettings,
+    MomentTracker,
+    ScoreSettings,
+    decide,
+    layer_groups,
+    mean_statistics,
+    moment_statistics,
+    score,
+    update_ema,
+)
+
+LAYERS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(3) for m in ("query", "value")]
+
+
+def test_quadratic_statistics_and_score_match_the_closed_form() -> None:
+    """SGD on L(x) = 0.5 sum h (x - x*)^2: gradients are h (1 - eta h)^t (x0 - x*) in closed form."""
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0.1, 2.0, size=(3, 4))
+    x0, target = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    eta, tau = 0.1, 5
+    x = torch.nn.Parameter(torch.tensor(x0, dtype=torch.float64))
+    tracker = MomentTracker({("layer", "A"): x})
+    optimizer = torch.optim.SGD([x], lr=eta)
+    for _ in range(tau):
+        optimizer.zero_grad()
+        (0.5 * (torch.tensor(h) * (x - torch.tensor(target)) ** 2).sum()).backward()
+        tracker.observe()
+        optimizer.step()
+    grads = [h * (1 - eta * h) ** t * (x0 - target) for t in range(tau)]
+    m1, m2 = np.mean(grads, axis=0), np.mean([g * g for g in grads], axis=0)
+    expected = {"G": (m1**2).sum(), "Q": (m2 * m1**2).sum(), "T": m2.sum()}
+    stats = tracker.statistics(nu=0.0)["layer"]["A"]
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, rel=1e-10)
+    nu, m = 1e-3, 4
+    settings = ScoreSettings("curvature", eta=eta, tau=tau, nu=nu)
+    eta_r = eta * tau
+    closed = eta_r * expected["G"] - 0.5 * eta_r**2 * expected["Q"] - 0.5 * eta**2 * tau * nu / m * expected["T"]
+    assert score(stats, settings, clients=m) == pytest.approx(closed, rel=1e-10)
+    assert score(stats, ScoreSettings("first_order", eta, tau, nu), m) == pytest.approx(eta_r * expected["G"])
+
+
+def test_debiasing_removes_the_noise_from_g_and_the_fisher() -> None:
+    """Pure-noise gradients: raw ||m1||^2 averages nu dim / tau; debiased G averages about 0."""
+    rng = np.random.default_rng(1)
+    nu, tau, dim = 0.04, 5, 2000
+    raw, debiased, traces = [], [], []
+    for _ in range(200):
+        g = rng.normal(scale=np.sqrt(nu), size=(tau, dim))
+        m1, m2 = torch.tensor(g.mean(0)), torch.tensor((g * g).mean(0))
+        stats = moment_statistics(m1, m2, tau, nu)
+        raw.append(float((m1 * m1).sum()))
+        debiased.append(stats["G"])
+        traces.append(stats["T"])
+    bias = nu * dim / tau
+    assert np.mean(raw) == pytest.approx(bias, rel=0.02)
+    assert np.mean(debiased) < 0.05 * bias
+    raw_trace = nu * dim
+    assert np.mean(traces) < 0.3 * raw_trace  # clamped at 0: only the positive noise excess remains
+
+
+def test_mean_statistics_are_weighted() -> None:
+    a = {"l": {"A": {"G": 1.0, "Q": 2.0, "T": 3.0}}}
+    b = {"l": {"A": {"G": 3.0, "Q": 6.0, "T": 9.0}}}
+    assert mean_statistics([a, b], [0.25, 0.75])["l"]["A"] == {"G": 2.5, "Q": 5.0, "T": 7.5}
+
+
+def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=("block",), **kw) -> DecisionSettings:
+    return DecisionSettings(
+        score=score_kind,
+        groups=layer_groups(LAYERS, granularity, groups),
+        hysteresis=kw.get("hysteresis", 0.0),
+        min_dwell=kw.get("min_dwell", 1),
+        warmup_rounds=kw.get("warmup_rounds", 0),
+        seed=0,
+    )
+
+
+def _ema(prefer_a: set[str], gap: float = 1.0) -> dict[str, dict[str, float]]:
+    return {layer: {"A": gap if layer in prefer_a else 0.0, "B": 0.0 if layer in prefer_a else gap} for layer in LAYERS}
+
+
+def test_round_zero_and_warmup_train_b_everywhere() -> None:
+    ema = _ema(set(LAYERS))
+    assert set(decide(0, _settings(), ema, []).values()) == {"B"}
+    history = [dict.fromkeys(LAYERS, "B")]
+    assert set(decide(1, _settings(warmup_rounds=2), ema, history).values()) == {"B"}
+    assert set(decide(2, _settings(warmup_rounds=2), ema, history * 2).values()) == {"A"}
+
+
+def test_layerwise_decision_follows_the_ema() -> None:
+    prefer_a = {LAYERS[0], LAYERS[3]}
+    mask = decide(1, _settings(), _ema(prefer_a), [dict.fromkeys(LAYERS, "B")])
+    assert {layer for layer, f in mask.items() if f == "A"} == prefer_a
+
+
+def test_ties_keep_the_current_factor() -> None:
+    tie = {layer: {"A": 1.0, "B": 1.0} for layer in LAYERS}
+    previous = {layer: "A" if i % 2 else "B" for i, layer in enumerate(LAYERS)}
+    assert decide(3, _settings(), tie, [previous]) == previous
+
+
+def test_hysteresis_and_minimum_dwell() -> None:
+    ema = {layer: {"A": 1.05, "B": 1.0} for layer in LAYERS}  # A better by 5 %
+    history = [dict.fromkeys(LAYERS, "B")]
+    assert set(decide(1, _settings(hysteresis=0.1), ema, history).values()) == {"B"}
+    assert set(decide(1, _settings(hysteresis=0.01), ema, history).values()) == {"A"}
+    assert set(decide(1, _settings(min_dwell=2), ema, history).values()) == {"B"}
+    assert set(decide(2, _settings(min_dwell=2), ema, history * 2).values()) == {"A"}
+
+
+def test_tied_gives_one_factor_to_all_layers_from_summed_scores() -> None:
+    ema = _ema({LAYERS[0]}, gap=10.0)  # one layer strongly prefers A, five mildly prefer B
+    ema.update({layer: {"A": 0.0, "B": 1.0} for layer in LAYERS[1:]})
+    mask = decide(1, _settings(granularity="tied"), ema, [dict.fromkeys(LAYERS, "B")])
+    assert set(mask.values()) == {"A"}  # 10 > 5
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"),
+    [
+        (("block",), [[LAYERS[0], LAYERS[1]], [LAYERS[2], LAYERS[3]], [LAYERS[4], LAYERS[5]]]),
+        (("module",), [LAYERS[0::2], LAYERS[1::2]]),
+        ((r"layer\.0\.", r"layer\.[12]\."), [LAYERS[:2], LAYERS[2:]]),
+    ],
+)
+def test_group_granularity_decides_per_group(groups: tuple[str, ...], expected: list[list[str]]) -> None:
+    assert layer_groups(LAYERS, "group", groups) == expected
+    ema = _ema(set(expected[0]))
+    mask = decide(1, _settings(granularity="group", groups=groups), ema, [dict.fromkeys(LAYERS, "B")])
+    for i, group in enumerate(expected):
+        assert {mask[layer] for layer in group} == ({"A"} if i == 0 else {"B"})
+
+
+def test_group_patterns_must_cover_every_layer() -> None:
+    with pytest.raises(ValueError, match="matches none of selection.groups"):
+        layer_groups(LAYERS, "group", [r"layer\.0\."])
+
+
+def test_schedules() -> None:
+    history = [dict.fromkeys(LAYERS, "B")]
+    for r in range(6):
+        assert set(decide(r, _settings("always_b"), {}, history).values()) == {"B"}
+        assert set(decide(r, _settings("alternate"), {}, history).values()) == {"B" if r % 2 == 0 else "A"}
+    draws = [decide(r, _settings("random"), {}, history) for r in range(1, 40)]
+    assert draws == [decide(r, _settings("random"), {}, history) for r in range(1, 40)]  # seeded
+    share_a = np.mean([f == "A" for d in draws for f in d.values()])
+    assert 0.35 < share_a < 0.65
+
+
+def test_ema_update() -> None:
+    ema = update_ema({}, {"l": {"A": 1.0, "B": 2.0}}, beta=0.9)
+    assert ema["l"]["A"] == pytest.approx(0.1) and ema["l"]["B"] == pytest.approx(0.2)
+    ema = update_ema(ema, {"l": {"A": 1.0, "B": 0.0}}, beta=0.9)
+    assert ema["l"]["A"] == pytest.approx(0.19) and ema["l"]["B"] == pytest.approx(0.18)
+
+
+def test_aggregation_is_exact_for_every_mask() -> None:
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"l{i}": (8 + i, 6 + 2 * i) for i in range(4)}
+    for code in range(16):  # every A/B assignment of four layers
+        mask = {name: "A" if code >> i & 1 else "B" for i, name in enumerate(layers)}
+        state = GlobalState(
+            factors={n: {"A": torch.randn(2, k, generator=gen), "B": torch.randn(d, 2, generator=gen)} for n, (d, k) in layers.items()},
+            head={}, scaling=dict.fromkeys(layers, 2.0),
+        )
+        updates = [
+            ClientUpdate(i, 10 + i, {n: {f: state.factors[n][f] + torch.randn(state.factors[n][f].shape, generator=gen)} for n, f in mask.items()}, {}, 0.0, 0)
+            for i in range(3)
+        ]
+        weights = [u.n_examples / sum(v.n_examples for v in updates) for u in updates]
+        new = average_trained_factors(state, updates, weights)
+        assert max(aggregation_error(state, updates, weights, new).values()) < 1e-6
