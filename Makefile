@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa --seeds 1
+	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa,rolora,aslora --seeds 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -54,6 +54,10 @@ class LoraView:
             return module.lora_B[self.adapter].weight
         raise KeyError(f"unknown LoRA factor {factor!r}; expected one of {FACTORS}")
 
+    def base_weight(self, layer: str) -> torch.Tensor:
+        """A copy of the frozen pretrained weight W0 of the layer (d x k)."""
+        return self._layers[layer].get_base_layer().weight.detach().clone()
+
     def get_factors(self) -> Factors:
         """Detached copies of every factor."""
         return {

@@ -50,7 +50,7 @@ class LoraSettings(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["sst2"] = "sst2"
+    task: Literal["sst2", "synthetic"] = "sst2"
     dir: str | None = Field(None, description="local data root; else ASLORA_DATA_DIR, else the hub")
     num_clients: int = Field(10, ge=1)
     partition: Literal["iid", "dirichlet"] = "dirichlet"
@@ -73,6 +73,25 @@ class OptimConfig(_Section):
     lr: float = Field(0.5, gt=0)
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
     eval_batch_size: int = Field(128, ge=1)
+
+
+class SyntheticConfig(_Section):
+    """The low-rank recovery task (data.task = 'synthetic')."""
+
+    layers: int = Field(6, ge=1)
+    dim_in: int = Field(16, ge=2)
+    dim_out: int = Field(16, ge=1)
+    target_rank: int = Field(2, ge=1, description="rank of every layer's target update dW*")
+    outside_layers: int = Field(3, ge=0, description="layers whose dW* lies outside the initial A's row space")
+    train_examples: int = Field(4000, ge=1)
+    input_types: int = Field(4, ge=1, description="input covariance types; Dirichlet over them is the skew")
+    input_anisotropy: float = Field(3.0, gt=0, description="std of a type's own input directions (others 1)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> SyntheticConfig:
+        if self.outside_layers > self.layers:
+            raise ValueError(f"synthetic.outside_layers={self.outside_layers} exceeds synthetic.layers={self.layers}")
+        return self
 
 
 class SelectionConfig(_Section):
@@ -117,10 +136,16 @@ class ExperimentConfig(_Section):
     optim: OptimConfig = OptimConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     selection: SelectionConfig = SelectionConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
         fed, data = self.federation, self.data
+        if data.task == "synthetic" and self.synthetic.target_rank + self.lora.r > self.synthetic.dim_in:
+            raise ValueError(
+                "synthetic: lora.r + synthetic.target_rank must not exceed synthetic.dim_in "
+                "(targets outside the row space of A need room there)"
+            )
         if fed.clients_per_round > data.num_clients:
             raise ValueError(
                 f"federation.clients_per_round={fed.clients_per_round} exceeds "

@@ -64,9 +64,13 @@ def _short(layer: str) -> str:
 
 def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
     """One row per method: mean and spread of the final metric over seeds, and costs."""
-    table = Table(title=f"final {metric} (global model)")
-    for column in ("method", "seeds", metric, "epsilon", "agg. error", "agg. time/round", "up/client", "down/client", "wall"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table = Table(
+        title=f"final {metric} (global model)",
+        caption="agg err: ALGORITHM.md section 5; agg ms: server aggregation per round; "
+        "up/down: bytes per client per round",
+    )
+    for column in ("method", "seeds", metric[:8], "eps", "agg err", "agg ms", "up", "down", "wall"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         by_method.setdefault(s["method"], []).append(s)
@@ -80,8 +84,8 @@ def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
             str(len(runs)),
             f"{np.nanmean(finals):.4f}{spread}",
             f"{max(eps):.3f}" if eps else "no DP",
-            f"{np.mean([r['mean_agg_error'] for r in runs]):.3g}",
-            f"{np.mean([r['total_agg_time_s'] for r in runs]) / rounds * 1e3:.2f} ms",
+            f"{np.mean([r['mean_agg_error'] for r in runs]):.2g}",
+            f"{np.mean([r['total_agg_time_s'] for r in runs]) / rounds * 1e3:.2f}",
             _size(np.mean([r["mean_bytes_up_per_client"] for r in runs])),
             _size(np.mean([r["mean_bytes_down_per_client"] for r in runs])),
             f"{np.mean([r['wall_time_s'] for r in runs]):.0f} s",
@@ -92,7 +96,7 @@ def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
-            return f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 
