@@ -60,7 +60,7 @@ def test_inactive_factors_are_bit_identical_and_not_uploaded(dp_config: Experime
     settings = LocalSettings(
         steps=3, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(True, 2.0, 1.0), accountant="rdp", train_head=True
     )
-    update = train_client(view, task.encode(task.train), state, ClientJob(0, 0, 123, mask, observe=True), settings, task.loss)
+    update = train_client(view, task.encode(task.train), state, ClientJob(0, 0, 123, mask, statistics="moments"), settings, task.loss)
     assert {layer: tuple(fs) for layer, fs in update.factors.items()} == mask  # only what trained travels
     for layer, (active,) in mask.items():
         inactive = "B" if active == "A" else "A"
@@ -91,3 +91,18 @@ def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig) -> None:
     rows = _rows(ours.directory)
     assert all(set(r["selection"]["scores"]) == set(r["mask"]) for r in rows)
     assert all(r["agg_error"] < 1e-6 for r in rows)  # exact, whatever the mask
+
+
+def test_official_rule_runs_under_dp_with_exact_aggregation(dp_config: ExperimentConfig) -> None:
+    config = dp_config.with_overrides({"method": "aslora", "selection.rule": "official", "federation.rounds": 3})
+    result = run_experiment(config)
+    rows = _rows(result.directory)
+    assert {f for fs in rows[0]["mask"].values() for f in fs} == {"B"}  # warm-up starts with B
+    for row in rows:
+        active = {layer: fs[0] for layer, fs in row["mask"].items()}
+        assert {layer: set(fs) for layer, fs in row["selection"]["scores"].items()} == {
+            layer: {f} for layer, f in active.items()
+        }
+        assert row["agg_error"] < 1e-6
+    ffa = run_experiment(dp_config.with_overrides({"method": "ffa", "federation.rounds": 3}))
+    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in _rows(ffa.directory)]

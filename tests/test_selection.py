@@ -14,13 +14,19 @@ from aslora.methods.base import (
 )
 from aslora.selection import (
     DecisionSettings,
+    LastStepTracker,
     MomentTracker,
     ScoreSettings,
     decide,
+    decide_official,
     layer_groups,
     mean_statistics,
     moment_statistics,
+    official_probability_a,
+    official_temperature,
+    official_warmup,
     score,
+    update_active_ema,
     update_ema,
 )
 
@@ -186,3 +192,50 @@ def test_aggregation_is_exact_for_every_mask() -> None:
         weights = [u.n_examples / sum(v.n_examples for v in updates) for u in updates]
         new = average_trained_factors(state, updates, weights)
         assert max(aggregation_error(state, updates, weights, new).values()) < 1e-6
+
+
+# The authors' rule (ALGORITHM.md section 7) --------------------------------------
+
+
+def test_official_temperature_and_draw_probability_on_hand_computed_scores() -> None:
+    assert official_warmup(100) == 10 and official_warmup(8) == 1
+    assert official_temperature(10, 10) == 1.0
+    assert official_temperature(20, 10) == pytest.approx(0.95**10)
+    assert official_temperature(80, 10) == 0.1  # 0.95^70 = 0.028, floored
+    # S_A = 3, S_B = 1: d = 2 / 4 = 0.5
+    assert official_probability_a(3.0, 1.0, 1.0) == pytest.approx(1 / (1 + np.exp(-0.5)))
+    assert official_probability_a(3.0, 1.0, 0.95**10) == pytest.approx(1 / (1 + np.exp(-0.5 / 0.95**10)))
+    assert official_probability_a(3.0, 1.0, 0.1) == pytest.approx(1 / (1 + np.exp(-5.0)))
+    assert official_probability_a(-1.0, 1.0, 1.0) == pytest.approx(1 / (1 + np.exp(1.0)))  # d = -1
+    assert official_probability_a(0.0, 0.0, 1.0) == 0.5
+
+
+def test_official_decision_warms_up_then_draws_with_that_probability() -> None:
+    groups = [[f"l{i}"] for i in range(4000)]
+    assert {f for r in range(3) for f in decide_official(r, groups, {}, 3, 0).values()} == {"A", "B"}
+    assert set(decide_official(1, groups, {}, 3, 0).values()) == {"A"}  # B, A, B while warming up
+    ema = {g[0]: {"A": 3.0, "B": 1.0} for g in groups}
+    mask = decide_official(13, groups, ema, 3, 0)  # T = 0.95^10
+    expected = official_probability_a(3.0, 1.0, official_temperature(13, 3))
+    assert np.mean([f == "A" for f in mask.values()]) == pytest.approx(expected, abs=0.025)
+    assert mask == decide_official(13, groups, ema, 3, 0)  # seeded
+
+
+def test_official_ema_moves_only_the_active_factor() -> None:
+    ema = {"l": {"A": 1.0, "B": 2.0}}
+    new = update_active_ema(ema, {"l": {"B": 4.0}}, beta=0.9)
+    assert new["l"] == {"A": 1.0, "B": pytest.approx(2.2)}
+    assert ema["l"]["B"] == 2.0  # not mutated
+
+
+def test_last_step_score_is_a_debiased_projected_norm() -> None:
+    g = torch.randn(8, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(8, 64, dtype=torch.float64))
+    p.grad = g.clone()
+    tracker = LastStepTracker({("l", "B"): p}, projection_dim=4096)
+    tracker.observe()
+    raw = tracker.statistics(nu=0.0)["l"]["B"]["S"]
+    assert raw == pytest.approx(float((g * g).sum()), rel=0.1)  # Johnson-Lindenstrauss
+    nu = 1e-3
+    assert tracker.statistics(nu)["l"]["B"]["S"] == pytest.approx(raw - 512 * nu)
+    assert tracker.statistics(nu=10.0)["l"]["B"]["S"] == 0.0  # floored

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from aslora.adapters import FACTORS, LoraView
 from aslora.methods.base import ClientUpdate, GlobalState, Mask
 from aslora.privacy import DPSettings, mark_empty_batch, new_accountant, private_training
-from aslora.selection import MomentTracker
+from aslora.selection import LastStepTracker, MomentTracker
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
@@ -37,7 +37,7 @@ class ClientJob:
     round_index: int
     seed: int
     mask: Mask
-    observe: bool = False  # all factors in the DP clip; upload G, Q, T (AS-LoRA)
+    statistics: str | None = None  # what to measure for the server (Method.statistics)
 
 
 def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -56,14 +56,15 @@ def train_client(
 ) -> ClientUpdate:
     """Run `settings.steps` DP-SGD steps from the global state; return what was trained.
 
-    With `job.observe`, every LoRA factor joins the per-sample gradient (one
-    joint clip), the privatised gradient of every factor feeds the moment
-    tracker, and only the masked factors are updated.
+    With `job.statistics == "moments"`, every LoRA factor joins the
+    per-sample gradient (one joint clip), the privatised gradient of every
+    factor feeds the moment tracker, and only the masked factors are updated.
+    With "last_step", the trained factors' final privatised gradient is kept.
     """
     view.set_factors(state.factors)
     view.set_head(state.head)
     tracker, on_gradient = None, None
-    if job.observe:
+    if job.statistics == "moments":
         params = view.set_trainable(dict.fromkeys(view.layers, FACTORS), settings.train_head)
         tracker = MomentTracker({(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS})
         frozen = [
@@ -76,6 +77,11 @@ def train_client(
                 p.grad = None
     else:
         params = view.set_trainable(job.mask, settings.train_head)
+        if job.statistics == "last_step":
+            tracker = LastStepTracker(
+                {(layer, f): view.parameter(layer, f) for layer, fs in job.mask.items() for f in fs}
+            )
+            on_gradient = tracker.observe
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)

@@ -97,6 +97,9 @@ class SyntheticConfig(_Section):
 class SelectionConfig(_Section):
     """AS-LoRA's factor choice (ALGORITHM.md section 4); used by method 'aslora'."""
 
+    rule: Literal["spec", "official"] = Field(
+        "spec", description="'spec': sections 4.1-4.3; 'official': the authors' code (section 7)"
+    )
     score: Literal["curvature", "first_order", "random", "always_b", "alternate"] = "curvature"
     granularity: Literal["layer", "tied", "group"] = "layer"
     groups: tuple[str, ...] = Field(

@@ -76,6 +76,7 @@ def selection_context(config: ExperimentConfig, privacy: PrivacyPlan) -> Selecti
         tau=config.federation.local_steps,
         nu=noise_std**2 if privacy.enabled else 0.0,
         seed=config.seed,
+        rounds=config.federation.rounds,
     )
 
 

@@ -8,7 +8,9 @@ factor, smooths it, and decides which factor every layer trains next.
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +50,38 @@ class MomentTracker:
                 total / max(self.steps, 1), self.total_sq[(layer, factor)] / max(self.steps, 1), self.steps, nu
             )
         return stats
+
+
+class LastStepTracker:
+    """The official rule's client score: the last step's privatised gradient, projected.
+
+    Keeps the final step's gradient of each trained factor and reports
+    ||P g||^2 - dim(g) nu, floored at 0, where P is a fixed Gaussian random
+    projection (the same on every client: seeded from the factor's name).
+    """
+
+    def __init__(self, factors: Mapping[tuple[str, str], torch.nn.Parameter], projection_dim: int = 256) -> None:
+        self.factors = dict(factors)
+        self.projection_dim = projection_dim
+        self.last: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        self.last = {key: p.grad.detach().to(torch.float64).flatten() for key, p in self.factors.items()}
+
+    def statistics(self, nu: float) -> FactorStats:
+        stats: FactorStats = {}
+        for (layer, factor), g in self.last.items():
+            projected = projection(f"{layer}.{factor}", g.numel(), self.projection_dim) @ g
+            value = max(float((projected * projected).sum()) - g.numel() * nu, 0.0)
+            stats.setdefault(layer, {})[factor] = {"S": value}
+        return stats
+
+
+def projection(name: str, dim: int, projection_dim: int) -> torch.Tensor:
+    """A fixed Gaussian projection R^dim -> R^projection_dim with E||P g||^2 = ||g||^2."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(projection_dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(projection_dim)
 
 
 def moment_statistics(m1: torch.Tensor, m2: torch.Tensor, steps: int, nu: float) -> dict[str, float]:
@@ -196,3 +230,55 @@ def update_ema(
         layer: {f: beta * ema.get(layer, {}).get(f, 0.0) + (1 - beta) * s for f, s in factors.items()}
         for layer, factors in scores.items()
     }
+
+
+# The authors' rule (ALGORITHM.md section 7) ------------------------------------
+
+
+def official_warmup(rounds: int) -> int:
+    """The first 10 % of rounds (rounded up) follow the layer-tied B, A, B, ... schedule."""
+    return math.ceil(0.1 * rounds)
+
+
+def official_temperature(round_index: int, warmup: int) -> float:
+    """T_r = max(0.1, 0.95^(r - warmup))."""
+    return max(0.1, 0.95 ** (round_index - warmup))
+
+
+def official_probability_a(s_a: float, s_b: float, temperature: float) -> float:
+    """p_A = sigmoid(d / T), d = (S_A - S_B) / (|S_A| + |S_B| + 1e-8)."""
+    d = (s_a - s_b) / (abs(s_a) + abs(s_b) + 1e-8)
+    return 1.0 / (1.0 + math.exp(-d / temperature))
+
+
+def decide_official(
+    round_index: int,
+    groups: Sequence[Sequence[str]],
+    ema: Mapping[str, Mapping[str, float]],
+    warmup: int,
+    seed: int,
+) -> dict[str, str]:
+    """Warm-up alternation, then a seeded sigmoid draw per unit from its summed EMA scores."""
+    if round_index < warmup:
+        factor = "B" if round_index % 2 == 0 else "A"
+        return {layer: factor for group in groups for layer in group}
+    temperature = official_temperature(round_index, warmup)
+    draws = np.random.default_rng([seed, round_index]).random(len(groups))
+    mask = {}
+    for group, u in zip(groups, draws, strict=True):
+        s_a = sum(ema.get(layer, {}).get("A", 0.0) for layer in group)
+        s_b = sum(ema.get(layer, {}).get("B", 0.0) for layer in group)
+        mask.update(dict.fromkeys(group, "A" if u < official_probability_a(s_a, s_b, temperature) else "B"))
+    return mask
+
+
+def update_active_ema(
+    ema: Mapping[str, Mapping[str, float]], scores: Mapping[str, Mapping[str, float]], beta: float
+) -> dict[str, dict[str, float]]:
+    """The EMA of the factors that were scored (the active ones); the others keep theirs."""
+    new = {layer: dict(factors) for layer, factors in ema.items()}
+    for layer, factors in scores.items():
+        for factor, value in factors.items():
+            old = new.setdefault(layer, {}).get(factor, 0.0)
+            new[layer][factor] = beta * old + (1 - beta) * value
+    return new

@@ -97,14 +97,14 @@ def upload(update: ClientUpdate) -> dict[str, torch.Tensor]:
     payload = flatten(update.factors, update.head)
     for layer, factors in update.stats.items():
         payload[f"{layer}.stats"] = torch.tensor(
-            [v for f in sorted(factors) for v in (factors[f]["G"], factors[f]["Q"], factors[f]["T"])],
+            [v for f in sorted(factors) for _, v in sorted(factors[f].items())],
             dtype=torch.float32,
         )
     return payload
 
 
 def validate_update(
-    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, observes: bool = False
+    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
 ) -> str | None:
     """Why an update must not be averaged in, or None if it is sound."""
     expected = {layer: set(fs) for layer, fs in mask.items() if fs}
@@ -115,9 +115,14 @@ def validate_update(
         return "its head parameters do not match the model's"
     if update.n_examples <= 0:
         return "it reports no training examples"
-    if observes:
-        if {layer: set(fs) for layer, fs in update.stats.items()} != {key: set(FACTORS) for key in state.factors}:
-            return "its score statistics do not cover every layer and factor"
+    if statistics is not None:
+        expected = (
+            {key: set(FACTORS) for key in state.factors}
+            if statistics == "moments"
+            else {layer: set(fs) for layer, fs in mask.items() if fs}
+        )
+        if {layer: set(fs) for layer, fs in update.stats.items()} != expected:
+            return "its score statistics do not cover the expected layers and factors"
         values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
         if not all(math.isfinite(v) and v >= 0 for v in values):
             return "its score statistics are negative or non-finite"
@@ -199,7 +204,7 @@ class Federation:
                 round_index=round_index,
                 seed=_job_seed(self.settings.seed, round_index, c),
                 mask=mask,
-                observe=self.method.observes,
+                statistics=self.method.statistics,
             )
             for c in clients
         ]
@@ -209,7 +214,7 @@ class Federation:
             reason = (
                 f"raised {type(result).__name__}: {result}"
                 if isinstance(result, Exception)
-                else validate_update(result, self.state, mask, self.train_head, self.method.observes)
+                else validate_update(result, self.state, mask, self.train_head, self.method.statistics)
             )
             if reason is None:
                 accepted.append(result)
@@ -221,8 +226,7 @@ class Federation:
         if not accepted:
             log.warning("round %d: no valid update; the global model is unchanged", round_index)
             return self._record(round_index, clients, rejected, mask, [], 0.0, {}, bytes_down)
-        total = sum(u.n_examples for u in accepted)
-        weights = [u.n_examples / total for u in accepted]
+        weights = self.method.weights(accepted)
         start = time.perf_counter()
         new_state = self.method.aggregate(self.state, accepted, weights)
         if self.train_head:

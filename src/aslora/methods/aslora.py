@@ -1,8 +1,14 @@
 """AS-LoRA: every layer trains one factor per round, chosen from EMA-smoothed scores.
 
-Aggregation averages each layer's active factor (exact). The choice for the
-next round comes from the clients' privatised-gradient statistics (G, Q, T per
-layer and factor), scored, smoothed and decided as in `selection.py`.
+Aggregation averages each layer's active factor (exact). With rule 'spec' the
+choice for the next round comes from the clients' privatised-gradient
+statistics (G, Q, T per layer and factor), scored, smoothed and decided as in
+sections 4.1-4.3. With rule 'official' it follows the authors' code (section
+7): warm-up alternation, then a sigmoid draw with decaying temperature from an
+EMA of the active factor's last-step projected gradient norm. Their late-round
+curvature correction evaluates the private batch without noise, outside the
+DP accountant; this implementation refuses it, so 'official' here is that
+rule minus that term.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from aslora.selection import (
     DecisionSettings,
     ScoreSettings,
     decide,
+    decide_official,
     layer_groups,
     mean_statistics,
+    official_warmup,
     score,
+    update_active_ema,
     update_ema,
 )
 
@@ -34,6 +43,7 @@ class SelectionContext:
     tau: int
     nu: float
     seed: int
+    rounds: int
 
 
 class ASLoRA(AveragingMethod):
@@ -41,7 +51,11 @@ class ASLoRA(AveragingMethod):
 
     def __init__(self, context: SelectionContext) -> None:
         self.context = context
-        self.observes = context.config.score in SCORED
+        self.official = context.config.rule == "official"
+        if self.official:
+            self.statistics = "last_step"
+        elif context.config.score in SCORED:
+            self.statistics = "moments"
 
     def _decision(self, state: GlobalState) -> DecisionSettings:
         c = self.context.config
@@ -56,7 +70,12 @@ class ASLoRA(AveragingMethod):
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         memory = state.memory
-        mask = decide(round_index, self._decision(state), memory.get("ema", {}), memory.get("history", []))
+        decision = self._decision(state)
+        if self.official:
+            warmup = official_warmup(self.context.rounds)
+            mask = decide_official(round_index, decision.groups, memory.get("ema", {}), warmup, self.context.seed)
+        else:
+            mask = decide(round_index, decision, memory.get("ema", {}), memory.get("history", []))
         return {layer: (factor,) for layer, factor in mask.items()}
 
     def aggregate(
@@ -68,7 +87,12 @@ class ASLoRA(AveragingMethod):
             "history": [*state.memory.get("history", []), trained],
             "ema": state.memory.get("ema", {}),
         }
-        if self.observes:
+        if self.official:
+            stats = mean_statistics([u.stats for u in updates], weights)
+            scores = {layer: {f: v["S"] for f, v in fs.items()} for layer, fs in stats.items()}
+            ema = update_active_ema(memory["ema"], scores, self.context.config.beta)
+            memory.update(stats=stats, scores=scores, ema=ema)
+        elif self.statistics == "moments":
             stats = mean_statistics([u.stats for u in updates], weights)
             settings = ScoreSettings(self.context.config.score, self.context.eta, self.context.tau, self.context.nu)
             scores = {
@@ -79,6 +103,11 @@ class ASLoRA(AveragingMethod):
                 stats=stats, scores=scores, ema=update_ema(memory["ema"], scores, self.context.config.beta)
             )
         return new.evolve(memory=memory)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        if self.official:  # the authors average factors and scores without weights
+            return [1.0 / len(updates)] * len(updates)
+        return super().weights(updates)
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """The round's mean statistics, raw scores and EMA scores per layer, for metrics.jsonl."""

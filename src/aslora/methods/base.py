@@ -51,7 +51,9 @@ class Method(ABC):
     """One federated LoRA method: a client rule and a server rule."""
 
     name: str
-    observes: bool = False  # True: clients clip all factors jointly and upload G, Q, T
+    # What clients measure for the server: None; "moments" (all factors jointly
+    # clipped, G, Q, T uploaded); "last_step" (the official rule's score).
+    statistics: str | None = None
 
     @abstractmethod
     def plan(self, round_index: int, state: GlobalState) -> Mask:
@@ -62,6 +64,11 @@ class Method(ABC):
         self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> GlobalState:
         """The next global state from the clients' trained factors."""
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        """Aggregation weights p_i: each client's share of the round's examples."""
+        total = sum(u.n_examples for u in updates)
+        return [u.n_examples / total for u in updates]
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """Method-specific figures to log with the round (AS-LoRA: its scores)."""
