@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from aslora.methods import GlobalState, get_method
+from aslora.config import SelectionConfig
+from aslora.methods import GlobalState, MethodContext, get_method
 from aslora.methods.base import ClientUpdate, aggregation_error
 
 LAYERS = {"l0": (12, 10), "l1": (6, 9)}  # name -> (d_out, d_in)
@@ -70,7 +71,7 @@ def test_ffa_aggregation_is_exact() -> None:
         mean_ba = sum(w * u.factors[layer]["B"].double() @ a for u, w in zip(updates, weights, strict=True))
         torch.testing.assert_close(mean_b @ a, mean_ba)
         torch.testing.assert_close(new.factors[layer]["B"].double(), mean_b, rtol=1e-6, atol=1e-6)
-    errors = aggregation_error(state, updates, weights, new.factors)
+    errors = aggregation_error(state, updates, weights, new)
     assert all(e < 1e-6 for e in errors.values())
 
 
@@ -80,7 +81,7 @@ def test_fedavg_aggregation_is_inexact_and_its_error_matches_numpy() -> None:
     updates = _updates(state, "fedavg", gen)
     weights = _weights(updates)
     new = get_method("fedavg").aggregate(state, updates, weights)
-    errors = aggregation_error(state, updates, weights, new.factors)
+    errors = aggregation_error(state, updates, weights, new)
     for layer in LAYERS:
         expected = _numpy_ideal_and_error(state, updates, weights, new.factors, layer)
         assert expected > 1e-2  # mean(B) mean(A) != mean(BA)
@@ -95,4 +96,70 @@ def test_one_client_aggregates_exactly_even_for_fedavg() -> None:
     state = _state(gen)
     updates = _updates(state, "fedavg", gen, n=1)
     new = get_method("fedavg").aggregate(state, updates, [1.0])
-    assert all(e < 1e-6 for e in aggregation_error(state, updates, [1.0], new.factors).values())
+    assert all(e < 1e-6 for e in aggregation_error(state, updates, [1.0], new).values())
+
+
+def _context() -> MethodContext:
+    return MethodContext(selection=SelectionConfig(), eta=0.1, tau=1, nu=0.0, seed=0, rounds=1)
+
+
+def _numpy_factors(update: ClientUpdate, state: GlobalState, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    a = update.factors[layer].get("A", state.factors[layer]["A"]).numpy().astype(np.float64)
+    b = update.factors[layer].get("B", state.factors[layer]["B"]).numpy().astype(np.float64)
+    return a, b
+
+
+def _ideal(state: GlobalState, updates: list[ClientUpdate], weights: list[float], layer: str) -> np.ndarray:
+    return sum(w * state.scaling[layer] * np.matmul(*_numpy_factors(u, state, layer)[::-1]) for u, w in zip(updates, weights, strict=True))
+
+
+def test_fedex_folds_the_exact_residual_into_the_frozen_weights() -> None:
+    gen = torch.Generator().manual_seed(3)
+    state = _state(gen)
+    updates = _updates(state, "fedex", gen)
+    weights = _weights(updates)
+    new = get_method("fedex").aggregate(state, updates, weights)
+    for layer in LAYERS:
+        a_bar = sum(w * _numpy_factors(u, state, layer)[0] for u, w in zip(updates, weights, strict=True))
+        b_bar = sum(w * _numpy_factors(u, state, layer)[1] for u, w in zip(updates, weights, strict=True))
+        np.testing.assert_allclose(new.factors[layer]["A"].numpy(), a_bar, rtol=1e-5, atol=1e-5)
+        residual = _ideal(state, updates, weights, layer) - state.scaling[layer] * b_bar @ a_bar
+        np.testing.assert_allclose(new.residual[layer].numpy(), residual, rtol=1e-4, atol=1e-4)
+    assert max(aggregation_error(state, updates, weights, new).values()) < 1e-6
+    # A second round adds to the first residual.
+    again = get_method("fedex").aggregate(new, _updates(new, "fedex", gen), weights)
+    assert not torch.equal(again.residual[next(iter(LAYERS))], new.residual[next(iter(LAYERS))])
+
+
+def test_flora_stacks_merges_and_restarts_the_adapters() -> None:
+    gen = torch.Generator().manual_seed(4)
+    state = _state(gen)
+    updates = _updates(state, "fedavg", gen)
+    weights = _weights(updates)
+    new = get_method("flora", _context()).aggregate(state, updates, weights)
+    for layer, (d, k) in LAYERS.items():
+        np.testing.assert_allclose(new.residual[layer].numpy(), _ideal(state, updates, weights, layer), rtol=1e-4, atol=1e-4)
+        assert torch.equal(new.factors[layer]["B"], torch.zeros(d, RANK))
+        bound = 1 / np.sqrt(k)  # PEFT's Kaiming-uniform(a=sqrt(5)) range for lora_A
+        assert float(new.factors[layer]["A"].abs().max()) <= bound
+        assert not torch.equal(new.factors[layer]["A"], state.factors[layer]["A"])
+    assert max(aggregation_error(state, updates, weights, new).values()) < 1e-6
+
+
+def test_fedsvd_refactorises_the_aggregate_exactly() -> None:
+    gen = torch.Generator().manual_seed(5)
+    state = _state(gen)
+    updates = _updates(state, "fedsvd", gen)
+    assert all(set(u.factors[layer]) == {"B"} for u in updates for layer in LAYERS)
+    weights = _weights(updates)
+    new = get_method("fedsvd").aggregate(state, updates, weights)
+    for layer in LAYERS:
+        b_bar = sum(w * _numpy_factors(u, state, layer)[1] for u, w in zip(updates, weights, strict=True))
+        m = b_bar @ state.factors[layer]["A"].numpy().astype(np.float64)
+        _, s, vh = np.linalg.svd(m, full_matrices=False)
+        a_new = new.factors[layer]["A"].numpy()
+        np.testing.assert_allclose(a_new @ a_new.T, np.eye(RANK), atol=1e-5)  # A = V_r^T: orthonormal rows
+        np.testing.assert_allclose(np.abs(a_new), np.abs(vh[:RANK]), atol=1e-4)  # up to the SVD's signs
+        np.testing.assert_allclose(new.factors[layer]["B"].numpy() @ a_new, m, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(new.factors[layer]["B"].numpy(), axis=0), s[:RANK], rtol=1e-4)
+    assert max(aggregation_error(state, updates, weights, new).values()) < 1e-5

@@ -146,3 +146,15 @@ def test_missing_local_files_name_the_file(tiny_config: ExperimentConfig, tmp_pa
     result = CliRunner().invoke(app, ["run", str(REPO / "configs" / "demo.toml"), "--data-dir", str(empty)])
     assert result.exit_code == 2
     assert "train.tsv" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("method", ["fedex", "flora", "fedsvd"])
+def test_folding_and_svd_baselines_complete_two_dp_rounds(tiny_config: ExperimentConfig, method: str) -> None:
+    result = run_experiment(tiny_config.with_overrides({"method": method}))
+    rows = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and 0 < result.summary["epsilon"] <= tiny_config.privacy.epsilon
+    assert all(r["agg_error"] < 1e-5 for r in rows)  # all three are exact
+    if method in ("fedex", "flora"):
+        # The dense residual travels to the clients: the download outweighs the factors.
+        assert rows[1]["bytes_down_per_client"] > 5 * rows[1]["bytes_up_per_client"]
+        assert (result.directory / "residual.safetensors").stat().st_size > 0

@@ -32,6 +32,7 @@ class LoraView:
         }
         if not self._layers:
             raise ValueError("the model has no LoRA layers; check lora.target_modules")
+        self._w0: dict[str, torch.Tensor] = {}  # pristine frozen weights, kept once a residual is set
         self._head = {
             name.removeprefix(_PEFT_PREFIX): p
             for name, p in model.named_parameters()
@@ -56,7 +57,24 @@ class LoraView:
 
     def base_weight(self, layer: str) -> torch.Tensor:
         """A copy of the frozen pretrained weight W0 of the layer (d x k)."""
+        if layer in self._w0:
+            return self._w0[layer].clone()
         return self._layers[layer].get_base_layer().weight.detach().clone()
+
+    @torch.no_grad()
+    def set_residual(self, residual: Mapping[str, torch.Tensor]) -> None:
+        """Frozen weights W0 + residual per layer (W0 where none is given).
+
+        For methods that fold exact updates into the frozen weights (FedEx-LoRA,
+        FLoRA). A no-op for the others, which never set one.
+        """
+        if not residual and not self._w0:
+            return
+        for layer, module in self._layers.items():
+            weight = module.get_base_layer().weight
+            original = self._w0.setdefault(layer, weight.detach().clone())
+            delta = residual.get(layer)
+            weight.copy_(original if delta is None else original + delta.to(weight.dtype))
 
     def get_factors(self) -> Factors:
         """Detached copies of every factor."""

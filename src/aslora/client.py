@@ -63,6 +63,7 @@ def train_client(
     """
     view.set_factors(state.factors)
     view.set_head(state.head)
+    view.set_residual(state.residual)
     tracker, on_gradient = None, None
     if job.statistics == "moments":
         params = view.set_trainable(dict.fromkeys(view.layers, FACTORS), settings.train_head)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedavg", "ffa", "rolora", "aslora")
+METHODS = ("fedavg", "ffa", "rolora", "fedex", "flora", "fedsvd", "aslora")
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ from aslora.adapters import LoraView
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
-from aslora.methods import GlobalState, SelectionContext, get_method
+from aslora.methods import GlobalState, MethodContext, get_method
 from aslora.partition import partition
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
 from aslora.results import RunDirectory
@@ -67,11 +67,11 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPl
     return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon)
 
 
-def selection_context(config: ExperimentConfig, privacy: PrivacyPlan) -> SelectionContext:
-    """AS-LoRA's view of the run: step size, local steps, per-coordinate DP noise variance."""
+def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodContext:
+    """The run as methods see it: selection settings, step size, local steps, DP noise, seed."""
     noise_std = privacy.noise_multiplier * config.privacy.clip / config.optim.batch_size
-    return SelectionContext(
-        config=config.selection,
+    return MethodContext(
+        selection=config.selection,
         eta=config.optim.lr,
         tau=config.federation.local_steps,
         nu=noise_std**2 if privacy.enabled else 0.0,
@@ -97,7 +97,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
 
     view = LoraView(task.build_model(config))
-    method = get_method(config.method, selection_context(config, privacy))
+    method = get_method(config.method, method_context(config, privacy))
     state = GlobalState(
         factors=view.get_factors(),
         head=view.get_head(),
@@ -108,6 +108,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
     def evaluate(s: GlobalState) -> dict[str, float]:
         view.set_factors(s.factors)
         view.set_head(s.head)
+        view.set_residual(s.residual)
         return task.evaluate(view.model, eval_data, config.optim.eval_batch_size)
 
     local = LocalSettings(
@@ -172,7 +173,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
 
     view.set_factors(federation.state.factors)
     view.set_head(federation.state.head)
-    run_dir.export_adapter(view)
+    run_dir.export_adapter(view, federation.state.residual)
     summary = run_dir.summarise(config, records, initial, privacy.noise_multiplier, time.perf_counter() - started, stopped)
     run_dir.plot(records, config)
     return RunResult(run_dir.path, summary, records)

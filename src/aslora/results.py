@@ -8,6 +8,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from aslora.adapters import LoraView
 from aslora.config import ExperimentConfig
 from aslora.report import plot_mask, plot_run
@@ -49,8 +52,16 @@ class RunDirectory:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(to_json(record.as_json())) + "\n")
 
-    def export_adapter(self, view: LoraView) -> Path:
-        return view.export(self.path / "adapter")
+    def export_adapter(self, view: LoraView, residual: dict[str, torch.Tensor]) -> Path:
+        """The PEFT adapter; for methods that fold updates into W0, also residual.safetensors.
+
+        The final model of such a method is W0 + residual + adapter: add each
+        layer's residual to its base weight before loading the adapter.
+        """
+        path = view.export(self.path / "adapter")
+        if residual:
+            save_file({k: v.contiguous() for k, v in residual.items()}, str(self.path / "residual.safetensors"))
+        return path
 
     def summarise(
         self,

@@ -86,10 +86,8 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def flatten(factors: dict[str, dict[str, torch.Tensor]], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One flat name -> tensor map of factors and head, as payloads and checkpoints hold them."""
-    flat = {f"{layer}.lora_{f}": t for layer, fs in factors.items() for f, t in fs.items()}
-    flat.update({f"head.{name}": t for name, t in head.items()})
-    return flat
+    """One flat name -> tensor map of factors and head, as payloads hold them."""
+    return GlobalState(factors=factors, head=head, scaling={}).tensors()
 
 
 def upload(update: ClientUpdate) -> dict[str, torch.Tensor]:
@@ -157,7 +155,7 @@ class Federation:
         self.evaluate = evaluate
         self.train_head = train_head
         self.histories: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(self.sizes))}
-        self._version: dict[str, int] = {name: 0 for name in flatten(state.factors, state.head)}
+        self._version: dict[str, int] = dict.fromkeys(state.tensors(), 0)
         self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
 
     # privacy -----------------------------------------------------------------
@@ -184,7 +182,7 @@ class Federation:
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
-        current = flatten(self.state.factors, self.state.head)
+        current = self.state.tensors()
         seen = self._seen[client]
         return {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]}
 
@@ -233,16 +231,16 @@ class Federation:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             new_state = new_state.evolve(head=head)
         agg_time = time.perf_counter() - start
-        errors = aggregation_error(self.state, accepted, weights, new_state.factors)
+        errors = aggregation_error(self.state, accepted, weights, new_state)
         self._bump_versions(new_state)
         self.state = new_state
         return self._record(round_index, clients, rejected, mask, accepted, agg_time, errors, bytes_down)
 
     def _bump_versions(self, new_state: GlobalState) -> None:
-        old = flatten(self.state.factors, self.state.head)
-        for name, tensor in flatten(new_state.factors, new_state.head).items():
-            if not torch.equal(tensor, old[name]):
-                self._version[name] += 1
+        old = self.state.tensors()
+        for name, tensor in new_state.tensors().items():
+            if name not in old or not torch.equal(tensor, old[name]):
+                self._version[name] = self._version.get(name, 0) + 1
 
     def _record(
         self,

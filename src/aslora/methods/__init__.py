@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from aslora.methods.aslora import ASLoRA, SelectionContext
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method
+from aslora.methods.aslora import ASLoRA
+from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, MethodContext
 from aslora.methods.fedavg import FedAvg
+from aslora.methods.fedex import FedEx
+from aslora.methods.fedsvd import FedSVD
 from aslora.methods.ffa import FFA
+from aslora.methods.flora import FLoRA
 from aslora.methods.rolora import RoLoRA
 
-_SIMPLE: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA)}
-NAMES = (*_SIMPLE, ASLoRA.name)
+_PLAIN: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA, FedEx, FedSVD)}
+_WITH_CONTEXT = {m.name: m for m in (ASLoRA, FLoRA)}
+NAMES = (*_PLAIN, *_WITH_CONTEXT)
 
 
-def get_method(name: str, selection: SelectionContext | None = None) -> Method:
-    """A fresh instance of the named method; 'aslora' needs its selection context."""
-    if name == ASLoRA.name:
-        if selection is None:
-            raise ValueError("method 'aslora' needs a SelectionContext (step size, steps, DP noise)")
-        return ASLoRA(selection)
-    if name not in _SIMPLE:
+def get_method(name: str, context: MethodContext | None = None) -> Method:
+    """A fresh instance of the named method; 'aslora' and 'flora' need the run's context."""
+    if name in _WITH_CONTEXT:
+        if context is None:
+            raise ValueError(f"method {name!r} needs a MethodContext (selection, step size, noise, seed)")
+        return _WITH_CONTEXT[name](context)
+    if name not in _PLAIN:
         raise KeyError(f"unknown method {name!r}; choose one of {', '.join(NAMES)}")
-    return _SIMPLE[name]()
+    return _PLAIN[name]()
 
 
-__all__ = ["ClientUpdate", "GlobalState", "Mask", "Method", "SelectionContext", "get_method"]
+__all__ = ["NAMES", "ClientUpdate", "GlobalState", "Mask", "Method", "MethodContext", "get_method"]

@@ -14,11 +14,9 @@ rule minus that term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from aslora.config import SelectionConfig
-from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask
+from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask, MethodContext
 from aslora.selection import (
     SCORED,
     DecisionSettings,
@@ -34,31 +32,19 @@ from aslora.selection import (
 )
 
 
-@dataclass(frozen=True)
-class SelectionContext:
-    """What the selection needs from the run: its settings, step size, steps, DP noise, seed."""
-
-    config: SelectionConfig
-    eta: float
-    tau: int
-    nu: float
-    seed: int
-    rounds: int
-
-
 class ASLoRA(AveragingMethod):
     name = "aslora"
 
-    def __init__(self, context: SelectionContext) -> None:
+    def __init__(self, context: MethodContext) -> None:
         self.context = context
-        self.official = context.config.rule == "official"
+        self.official = context.selection.rule == "official"
         if self.official:
             self.statistics = "last_step"
-        elif context.config.score in SCORED:
+        elif context.selection.score in SCORED:
             self.statistics = "moments"
 
     def _decision(self, state: GlobalState) -> DecisionSettings:
-        c = self.context.config
+        c = self.context.selection
         return DecisionSettings(
             score=c.score,
             groups=layer_groups(list(state.factors), c.granularity, c.groups),
@@ -90,17 +76,17 @@ class ASLoRA(AveragingMethod):
         if self.official:
             stats = mean_statistics([u.stats for u in updates], weights)
             scores = {layer: {f: v["S"] for f, v in fs.items()} for layer, fs in stats.items()}
-            ema = update_active_ema(memory["ema"], scores, self.context.config.beta)
+            ema = update_active_ema(memory["ema"], scores, self.context.selection.beta)
             memory.update(stats=stats, scores=scores, ema=ema)
         elif self.statistics == "moments":
             stats = mean_statistics([u.stats for u in updates], weights)
-            settings = ScoreSettings(self.context.config.score, self.context.eta, self.context.tau, self.context.nu)
+            settings = ScoreSettings(self.context.selection.score, self.context.eta, self.context.tau, self.context.nu)
             scores = {
                 layer: {f: score(values, settings, len(updates)) for f, values in factors.items()}
                 for layer, factors in stats.items()
             }
             memory.update(
-                stats=stats, scores=scores, ema=update_ema(memory["ema"], scores, self.context.config.beta)
+                stats=stats, scores=scores, ema=update_ema(memory["ema"], scores, self.context.selection.beta)
             )
         return new.evolve(memory=memory)
 

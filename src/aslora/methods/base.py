@@ -9,13 +9,14 @@ testable without a model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from aslora.adapters import Factors
+from aslora.config import SelectionConfig
 
 Mask = dict[str, tuple[str, ...]]  # layer -> the factors it trains this round
 
@@ -28,6 +29,15 @@ class GlobalState:
     head: dict[str, torch.Tensor]
     scaling: dict[str, float]
     memory: dict[str, Any] = field(default_factory=dict)
+    # Dense updates folded into the frozen weights (FedEx-LoRA, FLoRA): W = W0 + residual.
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a client must hold, by name: factors, head, residuals."""
+        flat = {f"{layer}.lora_{f}": t for layer, fs in self.factors.items() for f, t in fs.items()}
+        flat.update({f"head.{name}": t for name, t in self.head.items()})
+        flat.update({f"{layer}.residual": t for layer, t in self.residual.items()})
+        return flat
 
     def evolve(self, **changes: Any) -> GlobalState:
         return replace(self, **changes)
@@ -45,6 +55,18 @@ class ClientUpdate:
     examples_seen: int
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need from the run: AS-LoRA's settings, step size, steps, DP noise, seed."""
+
+    selection: SelectionConfig
+    eta: float
+    tau: int
+    nu: float  # per-coordinate DP noise variance of one step: (sigma C / b)^2
+    seed: int
+    rounds: int
 
 
 class Method(ABC):
@@ -106,14 +128,12 @@ def client_factors(state: GlobalState, update: ClientUpdate) -> Factors:
 
 
 def aggregation_error(
-    before: GlobalState,
-    updates: Sequence[ClientUpdate],
-    weights: Sequence[float],
-    after: Mapping[str, Mapping[str, torch.Tensor]],
+    before: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float], after: GlobalState
 ) -> dict[str, float]:
     """Per layer ||sum_i p_i s B_i A_i - s B_new A_new||_F / ||sum_i p_i s B_i A_i||_F.
 
-    ALGORITHM.md section 5; 0 where the ideal update is exactly zero.
+    ALGORITHM.md section 5; 0 where the ideal update is exactly zero. What a
+    method folds into the frozen weights this round counts as achieved.
     """
     errors = {}
     full = [client_factors(before, u) for u in updates]
@@ -122,7 +142,11 @@ def aggregation_error(
             float(w) * s * (f[layer]["B"].double() @ f[layer]["A"].double())
             for f, w in zip(full, weights, strict=True)
         )
-        achieved = s * (after[layer]["B"].double() @ after[layer]["A"].double())
+        new = after.factors[layer]
+        achieved = s * (new["B"].double() @ new["A"].double())
+        if layer in after.residual:
+            folded = after.residual[layer].double() - before.residual.get(layer, torch.zeros(())).double()
+            achieved = achieved + folded
         norm = torch.linalg.matrix_norm(ideal)
         errors[layer] = (
             0.0 if norm == 0 else float(torch.linalg.matrix_norm(ideal - achieved) / norm)

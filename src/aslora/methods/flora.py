@@ -1,0 +1,43 @@
+"""FLoRA: stack the clients' factors, merge the exact product into W0, restart the adapters.
+
+Server: [p_1 B_1 ... p_n B_n] [A_1; ...; A_n] = sum_i p_i B_i A_i, times s,
+is folded into the frozen weights; every round then starts from fresh
+adapters (A drawn anew from the run seed, B = 0). Exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, MethodContext
+
+
+class FLoRA(Method):
+    name = "flora"
+
+    def __init__(self, context: MethodContext) -> None:
+        self.seed = context.seed
+
+    def plan(self, round_index: int, state: GlobalState) -> Mask:
+        return {layer: ("A", "B") for layer in state.factors}
+
+    def aggregate(
+        self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+    ) -> GlobalState:
+        merges = state.memory.get("merges", 0)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + merges + 1)
+        residual, factors = dict(state.residual), {}
+        for layer, s in state.scaling.items():
+            stacked_b = torch.cat([w * u.factors[layer]["B"].double() for u, w in zip(updates, weights, strict=True)], dim=1)
+            stacked_a = torch.cat([u.factors[layer]["A"].double() for u in updates], dim=0)
+            a = state.factors[layer]["A"]
+            previous = residual.get(layer, torch.zeros(stacked_b.shape[0], stacked_a.shape[1], dtype=torch.float64))
+            residual[layer] = (previous.double() + s * stacked_b @ stacked_a).to(a.dtype)
+            fresh_a = torch.empty_like(a)
+            # PEFT's initialisation of lora_A: Kaiming-uniform with a = sqrt(5).
+            torch.nn.init.kaiming_uniform_(fresh_a, a=math.sqrt(5), generator=generator)
+            factors[layer] = {"A": fresh_a, "B": torch.zeros_like(state.factors[layer]["B"])}
+        return state.evolve(factors=factors, residual=residual, memory={"merges": merges + 1})
