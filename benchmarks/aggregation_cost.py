@@ -26,7 +26,7 @@ from aslora.server import payload_bytes
 
 # model -> (d = k of an attention projection, adapted matrices: 2 per block)
 SHAPES = {"roberta-base": (768, 24), "roberta-large": (1024, 48), "llama-7b": (4096, 64)}
-METHODS = ("fedavg", "ffa", "rolora", "fedex", "flora", "fedsvd", "aslora")
+METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
 
 
 def _setup(method: str, dim: int, rank: int, clients: int) -> tuple:

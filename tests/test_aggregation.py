@@ -163,3 +163,47 @@ def test_fedsvd_refactorises_the_aggregate_exactly() -> None:
         np.testing.assert_allclose(new.factors[layer]["B"].numpy() @ a_new, m, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.linalg.norm(new.factors[layer]["B"].numpy(), axis=0), s[:RANK], rtol=1e-4)
     assert max(aggregation_error(state, updates, weights, new).values()) < 1e-5
+
+
+def test_flexlora_truncates_the_aggregate_to_the_best_rank_r() -> None:
+    gen = torch.Generator().manual_seed(6)
+    state = _state(gen)
+    updates = _updates(state, "fedavg", gen)
+    weights = _weights(updates)
+    new = get_method("flexlora").aggregate(state, updates, weights)
+    errors = aggregation_error(state, updates, weights, new)
+    for layer in LAYERS:
+        singular = np.linalg.svd(_ideal(state, updates, weights, layer), compute_uv=False)
+        eckart_young = np.sqrt((singular[RANK:] ** 2).sum() / (singular**2).sum())
+        assert errors[layer] == pytest.approx(eckart_young, rel=1e-4)
+    one = get_method("flexlora").aggregate(state, updates[:1], [1.0])
+    assert max(aggregation_error(state, updates[:1], [1.0], one).values()) < 1e-5
+
+
+def test_fedsa_shares_a_and_keeps_b_and_head_per_client_across_rounds() -> None:
+    gen = torch.Generator().manual_seed(7)
+    method = get_method("fedsa")
+    state = _state(gen).evolve(head={"w": torch.zeros(3)})
+    first = _updates(state, "fedsa", gen, n=3)
+    for u in first:
+        u.head = {"w": torch.full((3,), float(u.client_id))}
+    weights = _weights(first)
+    after_one = method.aggregate(state, first, weights)
+    for layer in LAYERS:
+        a_bar = sum(w * u.factors[layer]["A"].double() for u, w in zip(first, weights, strict=True))
+        torch.testing.assert_close(after_one.factors[layer]["A"].double(), a_bar, rtol=1e-6, atol=1e-6)
+    # Round two: only client 0 trains again; clients 1 and 2 keep their own B and head.
+    second = _updates(method.client_start(after_one, 0), "fedsa", gen, n=1)
+    after_two = method.aggregate(after_one, second, [1.0])
+    for client, update in ((1, first[1]), (2, first[2])):
+        own = method.client_start(after_two, client)
+        for layer in LAYERS:
+            assert torch.equal(own.factors[layer]["B"], update.factors[layer]["B"])
+            assert torch.equal(own.factors[layer]["A"], after_two.factors[layer]["A"])  # A is shared
+        assert torch.equal(own.head["w"], torch.full((3,), float(client)))
+    assert torch.equal(method.client_start(after_two, 0).factors["l0"]["B"], second[0].factors["l0"]["B"])
+    assert set(method.personal_states(after_two)) == {0, 1, 2}
+    assert all(k.endswith("lora_A") for k in method.uploaded(first[0]))  # B and head stay local
+    assert all(k.endswith("lora_A") for k in method.downloaded(after_two))
+    new_client = method.client_start(after_two, 9)  # never trained: starts from the initial B
+    assert torch.equal(new_client.factors["l0"]["B"], state.factors["l0"]["B"])

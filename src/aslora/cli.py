@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,8 @@ from aslora.report import comparison_table, plot_comparison
 from aslora.tasks import DataNotFoundError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+# Piped into a file or a CI log there is no terminal width: keep tables whole.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigArg = Annotated[Path, typer.Argument(help="experiment TOML file, e.g. configs/demo.toml")]
 MethodOpt = Annotated[str | None, typer.Option(help="federated method, e.g. fedavg or ffa")]
@@ -102,6 +104,7 @@ def compare(
     config: ConfigArg,
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "fedavg,ffa",
     seeds: Annotated[int, typer.Option(help="number of seeds, counted up from the config's seed")] = 1,
+    target: Annotated[float | None, typer.Option(help="report rounds until the metric reaches this value")] = None,
     epsilon: EpsilonOpt = None,
     rounds: RoundsOpt = None,
     data_dir: DataDirOpt = None,
@@ -132,7 +135,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     (out / "summaries.json").write_text(json.dumps(summaries, indent=2, default=str))
     plot_comparison(curves, metric, out / "comparison.png")
-    console.print(comparison_table(summaries, metric))
+    console.print(comparison_table(summaries, metric, target))
     console.print(f"comparison in [bold]{out}[/]")
 
 

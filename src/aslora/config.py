@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedavg", "ffa", "rolora", "fedex", "flora", "fedsvd", "aslora")
+METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,9 @@ class DataConfig(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     train_subset: int = Field(0, ge=0, description="0 = all training examples")
     eval_subset: int = Field(0, ge=0, description="0 = the whole dev split")
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of each client's shard held out for personalised evaluation"
+    )
 
 
 class FederationConfig(_Section):
@@ -148,6 +151,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "synthetic: lora.r + synthetic.target_rank must not exceed synthetic.dim_in "
                 "(targets outside the row space of A need room there)"
+            )
+        if self.method == "fedsa" and data.holdout_fraction == 0:
+            raise ValueError(
+                "method 'fedsa' evaluates each client's own model on its held-out split: "
+                "set data.holdout_fraction, e.g. 0.1"
             )
         if fed.clients_per_round > data.num_clients:
             raise ValueError(

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.progress import Progress
+from torch.utils.data import TensorDataset
 
 from aslora.adapters import LoraView
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
 from aslora.methods import GlobalState, MethodContext, get_method
-from aslora.partition import partition
+from aslora.partition import hold_out, partition
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
 from aslora.results import RunDirectory
 from aslora.server import Federation, RoundRecord, ServerSettings
@@ -92,6 +94,7 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
     started = time.perf_counter()
     task = load_task(config)
     shards = partition(task.train, config.data, config.seed, min_size=config.optim.batch_size)
+    shards, held_out = hold_out(shards, config.data.holdout_fraction, config.seed)
     sizes = [len(s) for s in shards]
     privacy = plan_privacy(config, sizes)
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
@@ -105,11 +108,27 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
     )
     eval_data = task.encode(task.eval)
 
-    def evaluate(s: GlobalState) -> dict[str, float]:
+    def evaluate_state(s: GlobalState, data: TensorDataset) -> dict[str, float]:
         view.set_factors(s.factors)
         view.set_head(s.head)
         view.set_residual(s.residual)
-        return task.evaluate(view.model, eval_data, config.optim.eval_batch_size)
+        return task.evaluate(view.model, data, config.optim.eval_batch_size)
+
+    held_out_data: dict[int, TensorDataset] = {}
+
+    def evaluate(s: GlobalState) -> dict[str, float]:
+        """The global model on the dev split; personalised models (FedSA) on their held-out splits."""
+        metrics = evaluate_state(s, eval_data)
+        personal = method.personal_states(s)
+        if personal and held_out:
+            sizes, values = [], []
+            for client, own in sorted(personal.items()):
+                data = held_out_data.setdefault(client, task.encode(held_out[client]))
+                sizes.append(len(data))
+                values.append(evaluate_state(own, data))
+            for name in values[0]:
+                metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=sizes))
+        return metrics
 
     local = LocalSettings(
         steps=config.federation.local_steps,

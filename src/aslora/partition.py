@@ -22,6 +22,16 @@ def make_partitioner(data: DataConfig, seed: int, min_size: int) -> Partitioner:
     )
 
 
+def hold_out(
+    shards: list[datasets.Dataset], fraction: float, seed: int
+) -> tuple[list[datasets.Dataset], list[datasets.Dataset]]:
+    """Split every shard into (train, held-out); no held-out split when fraction is 0."""
+    if fraction == 0:
+        return shards, []
+    splits = [shard.train_test_split(test_size=fraction, seed=seed + i) for i, shard in enumerate(shards)]
+    return [s["train"] for s in splits], [s["test"] for s in splits]
+
+
 def partition(dataset: datasets.Dataset, data: DataConfig, seed: int, min_size: int) -> list[datasets.Dataset]:
     """One shard per client. Dirichlet shards hold at least `min_size` examples each.
 

@@ -62,14 +62,28 @@ def _short(layer: str) -> str:
     return ".".join([*numbered[-1:], parts[-1]])
 
 
-def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
+def rounds_to_reach(summary: dict[str, Any], metric: str, target: float) -> int | None:
+    """Rounds until the evaluated metric first reaches `target` (None if never).
+
+    Metrics named *error or *loss reach it from above, the others from below.
+    """
+    lower_is_better = metric.endswith(("error", "loss"))
+    for round_index, values in sorted(summary["metric_by_round"].items(), key=lambda kv: int(kv[0])):
+        value = values.get(metric)
+        if value is not None and (value <= target if lower_is_better else value >= target):
+            return int(round_index) + 1
+    return None
+
+
+def comparison_table(summaries: Sequence[dict[str, Any]], metric: str, target: float | None = None) -> Table:
     """One row per method: mean and spread of the final metric over seeds, and costs."""
     table = Table(
         title=f"final {metric} (global model)",
         caption="agg err: ALGORITHM.md section 5; agg ms: server aggregation per round; "
         "up/down: bytes per client per round",
     )
-    for column in ("method", "seeds", metric[:8], "eps", "agg err", "agg ms", "up", "down", "wall"):
+    reach_column = [] if target is None else [f"rounds to {target:g}"]
+    for column in ("method", "seeds", metric[:8], *reach_column, "eps", "agg err", "agg ms", "up", "down", "wall"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
@@ -79,10 +93,15 @@ def comparison_table(summaries: Sequence[dict[str, Any]], metric: str) -> Table:
         spread = f" ± {finals.std(ddof=1):.4f}" if len(finals) > 1 else ""
         eps = [r["epsilon"] for r in runs if r["epsilon"] is not None]
         rounds = max(1, np.mean([r["rounds_completed"] for r in runs]))
+        reach = []
+        if target is not None:
+            hits = [n for n in (rounds_to_reach(r, metric, target) for r in runs) if n is not None]
+            reach = [f"{np.mean(hits):.1f} ({len(hits)}/{len(runs)})" if hits else f"never (0/{len(runs)})"]
         table.add_row(
             method,
             str(len(runs)),
             f"{np.nanmean(finals):.4f}{spread}",
+            *reach,
             f"{max(eps):.3f}" if eps else "no DP",
             f"{np.mean([r['mean_agg_error'] for r in runs]):.2g}",
             f"{np.mean([r['total_agg_time_s'] for r in runs]) / rounds * 1e3:.2f}",

@@ -37,8 +37,10 @@ class Engine(Protocol):
     """Carries a round's jobs to clients and their updates back."""
 
     def train(
-        self, state: GlobalState, jobs: Sequence[ClientJob], done: Callable[[int], None]
-    ) -> list[ClientUpdate | Exception]: ...
+        self, starts: Sequence[GlobalState], jobs: Sequence[ClientJob], done: Callable[[int], None]
+    ) -> list[ClientUpdate | Exception]:
+        """Train each job from its start state (the global one, or the client's own)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,9 @@ def flatten(factors: dict[str, dict[str, torch.Tensor]], head: dict[str, torch.T
     return GlobalState(factors=factors, head=head, scaling={}).tensors()
 
 
-def upload(update: ClientUpdate) -> dict[str, torch.Tensor]:
-    """What a client sends: its trained factors, its head, and its score statistics."""
-    payload = flatten(update.factors, update.head)
+def upload(method: Method, update: ClientUpdate) -> dict[str, torch.Tensor]:
+    """What a client sends: what the method uploads, and its score statistics."""
+    payload = method.uploaded(update)
     for layer, factors in update.stats.items():
         payload[f"{layer}.stats"] = torch.tensor(
             [v for f in sorted(factors) for _, v in sorted(factors[f].items())],
@@ -155,7 +157,7 @@ class Federation:
         self.evaluate = evaluate
         self.train_head = train_head
         self.histories: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(self.sizes))}
-        self._version: dict[str, int] = dict.fromkeys(state.tensors(), 0)
+        self._version: dict[str, int] = dict.fromkeys(method.downloaded(state), 0)
         self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
 
     # privacy -----------------------------------------------------------------
@@ -182,7 +184,7 @@ class Federation:
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
-        current = self.state.tensors()
+        current = self.method.downloaded(self.state)
         seen = self._seen[client]
         return {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]}
 
@@ -206,7 +208,8 @@ class Federation:
             )
             for c in clients
         ]
-        results = self.engine.train(self.state, jobs, done)
+        starts = [self.method.client_start(self.state, c) for c in clients]
+        results = self.engine.train(starts, jobs, done)
         accepted, rejected = [], []
         for job, result in zip(jobs, results, strict=True):
             reason = (
@@ -227,7 +230,7 @@ class Federation:
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         new_state = self.method.aggregate(self.state, accepted, weights)
-        if self.train_head:
+        if self.train_head and self.method.shares_head:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             new_state = new_state.evolve(head=head)
         agg_time = time.perf_counter() - start
@@ -237,8 +240,8 @@ class Federation:
         return self._record(round_index, clients, rejected, mask, accepted, agg_time, errors, bytes_down)
 
     def _bump_versions(self, new_state: GlobalState) -> None:
-        old = self.state.tensors()
-        for name, tensor in new_state.tensors().items():
+        old = self.method.downloaded(self.state)
+        for name, tensor in self.method.downloaded(new_state).items():
             if name not in old or not torch.equal(tensor, old[name]):
                 self._version[name] = self._version.get(name, 0) + 1
 
@@ -253,7 +256,7 @@ class Federation:
         errors: dict[str, float],
         bytes_down: list[int],
     ) -> RoundRecord:
-        ups = [payload_bytes(upload(u)) for u in accepted]
+        ups = [payload_bytes(upload(self.method, u)) for u in accepted]
         losses = [u.loss for u in accepted if not math.isnan(u.loss)]
         settings = self.settings
         last = round_index == settings.rounds - 1

@@ -40,10 +40,10 @@ class LocalEngine:
         return self._encoded[client]
 
     def train(
-        self, state: GlobalState, jobs: Sequence[ClientJob], done: Callable[[int], None]
+        self, starts: Sequence[GlobalState], jobs: Sequence[ClientJob], done: Callable[[int], None]
     ) -> list[ClientUpdate | Exception]:
         results: list[ClientUpdate | Exception] = []
-        for job in jobs:
+        for state, job in zip(starts, jobs, strict=True):
             try:
                 data = self.client_data(job.client_id)
                 results.append(train_client(self.view, data, state, job, self.settings, self.loss_fn))

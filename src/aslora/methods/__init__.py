@@ -6,12 +6,14 @@ from aslora.methods.aslora import ASLoRA
 from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, MethodContext
 from aslora.methods.fedavg import FedAvg
 from aslora.methods.fedex import FedEx
+from aslora.methods.fedsa import FedSA
 from aslora.methods.fedsvd import FedSVD
 from aslora.methods.ffa import FFA
+from aslora.methods.flexlora import FlexLoRA
 from aslora.methods.flora import FLoRA
 from aslora.methods.rolora import RoLoRA
 
-_PLAIN: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA, FedEx, FedSVD)}
+_PLAIN: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA, FedSA, FedEx, FedSVD, FlexLoRA)}
 _WITH_CONTEXT = {m.name: m for m in (ASLoRA, FLoRA)}
 NAMES = (*_PLAIN, *_WITH_CONTEXT)
 

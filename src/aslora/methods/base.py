@@ -87,6 +87,24 @@ class Method(ABC):
     ) -> GlobalState:
         """The next global state from the clients' trained factors."""
 
+    shares_head: bool = True  # False: every client keeps its own head (FedSA-LoRA)
+
+    def client_start(self, state: GlobalState, client: int) -> GlobalState:
+        """The model a client starts its round from (personalised methods override)."""
+        return state
+
+    def downloaded(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        """The tensors clients hold from the server, by name (the download is what changed)."""
+        return state.tensors()
+
+    def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        """The tensors a client sends: its trained factors and its head."""
+        return GlobalState(factors=update.factors, head=update.head, scaling={}).tensors()
+
+    def personal_states(self, state: GlobalState) -> dict[int, GlobalState]:
+        """Each client's own model, for personalised evaluation (none by default)."""
+        return {}
+
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
         """Aggregation weights p_i: each client's share of the round's examples."""
         total = sum(u.n_examples for u in updates)
