@@ -207,3 +207,28 @@ def test_fedsa_shares_a_and_keeps_b_and_head_per_client_across_rounds() -> None:
     assert all(k.endswith("lora_A") for k in method.downloaded(after_two))
     new_client = method.client_start(after_two, 9)  # never trained: starts from the initial B
     assert torch.equal(new_client.factors["l0"]["B"], state.factors["l0"]["B"])
+
+
+def test_flora_stacks_heterogeneous_ranks() -> None:
+    gen = torch.Generator().manual_seed(8)
+    state = _state(gen)
+    ranks = (1, 2, 3, 3)
+    updates = _updates(state, "fedavg", gen)
+    for u, r in zip(updates, ranks, strict=True):  # what a rank-r client sends back: zero padding
+        for fs in u.factors.values():
+            fs["A"][r:] = 0
+            fs["B"][:, r:] = 0
+    weights = _weights(updates)
+    context = MethodContext(selection=SelectionConfig(), eta=0.1, tau=1, nu=0.0, seed=0, rounds=1, client_ranks=ranks)
+    flora = get_method("flora", context)
+    new = flora.aggregate(state, updates, weights)
+    for layer in LAYERS:
+        expected = sum(
+            w * state.scaling[layer] * u.factors[layer]["B"][:, :r].double().numpy() @ u.factors[layer]["A"][:r].double().numpy()
+            for u, w, r in zip(updates, weights, ranks, strict=True)
+        )
+        np.testing.assert_allclose(new.residual[layer].numpy(), expected, rtol=1e-4, atol=1e-4)
+    for u, r in zip(updates, ranks, strict=True):
+        sent = flora.uploaded(u)
+        assert all(t.shape[0] == r for k, t in sent.items() if k.endswith("lora_A"))
+        assert all(t.shape[1] == r for k, t in sent.items() if k.endswith("lora_B"))

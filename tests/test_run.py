@@ -9,16 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
+from aslora.adapters import LoraView
 from aslora.cli import app
+from aslora.client import ClientJob, LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
+from aslora.methods import GlobalState
 from aslora.pretrained import resolve_model
-from aslora.privacy import RDP_ORDERS
+from aslora.privacy import RDP_ORDERS, DPSettings
 from aslora.tasks import load_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +180,33 @@ def test_fedsa_reports_personalised_and_global_metrics(tiny_config: ExperimentCo
 def test_fedsa_needs_a_held_out_split(tiny_config: ExperimentConfig) -> None:
     with pytest.raises(ConfigError, match="data.holdout_fraction"):
         tiny_config.with_overrides({"method": "fedsa"})
+
+
+def test_heterogeneous_ranks_keep_their_padding_at_zero_under_dp(tiny_config: ExperimentConfig) -> None:
+    config = tiny_config.with_overrides({"method": "flora", "lora.client_ranks": [2, 4, 8, 8]})
+    result = run_experiment(config)
+    assert result.summary["rounds_completed"] == 2 and result.summary["mean_agg_error"] < 1e-5
+    task = load_task(config)
+    view = LoraView(task.build_model(config))
+    state = GlobalState(factors=view.get_factors(), head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    settings = LocalSettings(
+        steps=3, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(True, 1.0, 1.0), accountant="rdp", train_head=True
+    )
+    mask = dict.fromkeys(view.layers, ("A", "B"))
+    update = train_client(view, task.encode(task.train), state, ClientJob(0, 0, 7, mask, rank=2), settings, task.loss)
+    for factors in update.factors.values():
+        assert torch.count_nonzero(factors["A"][2:]) == 0 and torch.count_nonzero(factors["B"][:, 2:]) == 0
+        assert torch.count_nonzero(factors["A"][:2]) > 0 and torch.count_nonzero(factors["B"][:, :2]) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "fedavg", "lora.client_ranks": [2, 4, 8, 8]}, "need stacking"),
+        ({"method": "flora", "lora.client_ranks": [2, 4]}, "one rank per client"),
+        ({"method": "flora", "lora.client_ranks": [2, 4, 8, 16]}, "between 1 and lora.r=8"),
+    ],
+)
+def test_heterogeneous_rank_config_errors(tiny_config: ExperimentConfig, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config.with_overrides(overrides)

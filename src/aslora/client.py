@@ -38,12 +38,37 @@ class ClientJob:
     seed: int
     mask: Mask
     statistics: str | None = None  # what to measure for the server (Method.statistics)
+    rank: int | None = None  # train only the first `rank` LoRA components (heterogeneous ranks)
 
 
 def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     """Poisson batches without end: a new pass whenever one is exhausted."""
     while True:
         yield from loader
+
+
+def _restrict_rank(view: LoraView, rank: int, then: Callable[[], None] | None) -> Callable[[], None]:
+    """Zero every component beyond `rank`, and keep it zero: a rank-`rank` adapter inside a rank-r one.
+
+    The padding receives zero gradient (its partner factor is zero) but DP
+    noise would move it; the returned hook zeroes that noise before each step
+    (post-processing of the privatised gradient).
+    """
+    padding = [
+        (view.parameter(layer, "A"), (slice(rank, None), slice(None))) for layer in view.layers
+    ] + [(view.parameter(layer, "B"), (slice(None), slice(rank, None))) for layer in view.layers]
+    with torch.no_grad():
+        for p, index in padding:
+            p[index] = 0
+
+    def hook() -> None:
+        if then is not None:
+            then()
+        for p, index in padding:
+            if p.grad is not None:
+                p.grad[index] = 0
+
+    return hook
 
 
 def train_client(
@@ -83,6 +108,8 @@ def train_client(
                 {(layer, f): view.parameter(layer, f) for layer, fs in job.mask.items() for f in fs}
             )
             on_gradient = tracker.observe
+    if job.rank is not None:
+        on_gradient = _restrict_rank(view, job.rank, on_gradient)
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)

@@ -37,6 +37,9 @@ class LoraSettings(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
+    client_ranks: tuple[int, ...] = Field(
+        (), description="per-client LoRA ranks (<= r), one per client; only FLoRA's stacking supports them"
+    )
     head_modules: tuple[str, ...] = Field(
         ("classifier",),
         description="modules trained fully and averaged (FedAvg) beside LoRA, e.g. classifier, pooler",
@@ -152,6 +155,17 @@ class ExperimentConfig(_Section):
                 "synthetic: lora.r + synthetic.target_rank must not exceed synthetic.dim_in "
                 "(targets outside the row space of A need room there)"
             )
+        ranks = self.lora.client_ranks
+        if ranks:
+            if self.method != "flora":
+                raise ValueError(
+                    f"lora.client_ranks (heterogeneous ranks) need stacking: use method 'flora', not '{self.method}'"
+                )
+            if len(ranks) != data.num_clients or not all(1 <= r <= self.lora.r for r in ranks):
+                raise ValueError(
+                    f"lora.client_ranks needs one rank per client (data.num_clients={data.num_clients}), "
+                    f"each between 1 and lora.r={self.lora.r}; got {list(ranks)}"
+                )
         if self.method == "fedsa" and data.holdout_fraction == 0:
             raise ValueError(
                 "method 'fedsa' evaluates each client's own model on its held-out split: "

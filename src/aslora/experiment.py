@@ -79,6 +79,7 @@ def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodCont
         nu=noise_std**2 if privacy.enabled else 0.0,
         seed=config.seed,
         rounds=config.federation.rounds,
+        client_ranks=config.lora.client_ranks,
     )
 
 

@@ -205,6 +205,7 @@ class Federation:
                 seed=_job_seed(self.settings.seed, round_index, c),
                 mask=mask,
                 statistics=self.method.statistics,
+                rank=self.method.client_rank(c),
             )
             for c in clients
         ]

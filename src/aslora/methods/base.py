@@ -67,6 +67,7 @@ class MethodContext:
     nu: float  # per-coordinate DP noise variance of one step: (sigma C / b)^2
     seed: int
     rounds: int
+    client_ranks: tuple[int, ...] = ()  # heterogeneous LoRA ranks (FLoRA); empty: all r
 
 
 class Method(ABC):
@@ -100,6 +101,10 @@ class Method(ABC):
     def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """The tensors a client sends: its trained factors and its head."""
         return GlobalState(factors=update.factors, head=update.head, scaling={}).tensors()
+
+    def client_rank(self, client: int) -> int | None:
+        """The LoRA rank this client trains at, if below the model's (heterogeneous ranks)."""
+        return None
 
     def personal_states(self, state: GlobalState) -> dict[int, GlobalState]:
         """Each client's own model, for personalised evaluation (none by default)."""

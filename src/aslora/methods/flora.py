@@ -2,7 +2,9 @@
 
 Server: [p_1 B_1 ... p_n B_n] [A_1; ...; A_n] = sum_i p_i B_i A_i, times s,
 is folded into the frozen weights; every round then starts from fresh
-adapters (A drawn anew from the run seed, B = 0). Exact.
+adapters (A drawn anew from the run seed, B = 0). Exact. Stacking allows a
+rank r_i per client (`lora.client_ranks`): such a client trains the first r_i
+components of the model's rank-r adapter, the rest held at zero.
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ class FLoRA(Method):
 
     def __init__(self, context: MethodContext) -> None:
         self.seed = context.seed
+        self.ranks = context.client_ranks
+
+    def client_rank(self, client: int) -> int | None:
+        return self.ranks[client] if self.ranks else None
+
+    def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        """A client of rank r_i sends its r_i components (the rest are zero padding)."""
+        rank = self.client_rank(update.client_id)
+        tensors = super().uploaded(update)
+        if rank is None:
+            return tensors
+        return {
+            name: t[:rank] if name.endswith("lora_A") else t[:, :rank] if name.endswith("lora_B") else t
+            for name, t in tensors.items()
+        }
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         return {layer: ("A", "B") for layer in state.factors}
