@@ -54,9 +54,9 @@ def time_aggregation(method: str, dim: int, rank: int, clients: int, repeats: in
         start = time.perf_counter()
         new = impl.aggregate(state, updates, weights)
         times.append(time.perf_counter() - start)
-    up = payload_bytes({f"w.{f}": t for f, t in updates[0].factors["w"].items()})
-    old = state.tensors()
-    down = payload_bytes({k: t for k, t in new.tensors().items() if k not in old or not torch.equal(t, old[k])})
+    up = payload_bytes(impl.uploaded(updates[0]))
+    old = impl.downloaded(state)
+    down = payload_bytes({k: t for k, t in impl.downloaded(new).items() if k not in old or not torch.equal(t, old[k])})
     return statistics.median(times), up, down
 
 
@@ -68,27 +68,34 @@ def main() -> None:
     parser.add_argument("--clients", default="10,100")
     args = parser.parse_args()
     console = Console(width=160)
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times per round = one matrix x adapted matrices")
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per round = one matrix x adapted matrices")
+    settings = [(int(r), int(n)) for r in args.ranks.split(",") for n in args.clients.split(",")]
     for shape in args.shapes.split(","):
         dim, matrices = SHAPES[shape]
-        table = Table(title=f"{shape}: {matrices} adapted {dim}x{dim} matrices (query, value)")
-        for column in ("r", "clients", *METHODS):
-            table.add_column(column, justify="right")
-        sizes = Table(title=f"{shape}: bytes per client per round, up / down (all {matrices} matrices)")
-        for column in ("r", *METHODS):
-            sizes.add_column(column, justify="right")
-        for rank in map(int, args.ranks.split(",")):
-            byte_cells = []
-            for clients in map(int, args.clients.split(",")):
-                results = {m: time_aggregation(m, dim, rank, clients, args.repeats) for m in METHODS}
-                base = results["aslora"][0]
-                table.add_row(
-                    str(rank), str(clients),
-                    *(f"{results[m][0] * matrices * 1e3:.1f} ms ({results[m][0] / base:.0f}x)" for m in METHODS),
-                )
-                byte_cells = [f"{_mib(results[m][1] * matrices)} / {_mib(results[m][2] * matrices)}" for m in METHODS]
-            sizes.add_row(str(rank), *byte_cells)
+        results = {(r, n): {m: time_aggregation(m, dim, r, n, args.repeats) for m in METHODS} for r, n in settings}
+        table = Table(title=f"{shape}: server aggregation per round, {matrices} adapted {dim}x{dim} matrices (ratio to aslora)")
+        table.add_column("method")
+        for r, n in settings:
+            table.add_column(f"r={r}, {n} clients", justify="right")
+        for m in METHODS:
+            cells = []
+            for key in settings:
+                seconds, base = results[key][m][0], results[key]["aslora"][0]
+                cells.append(f"{seconds * matrices * 1e3:.1f} ms ({seconds / base:.0f}x)")
+            table.add_row(m, *cells)
         console.print(table)
+        sizes = Table(title=f"{shape}: bytes per client per round, all {matrices} matrices")
+        sizes.add_column("method")
+        ranks = sorted({r for r, _ in settings})
+        for r in ranks:
+            sizes.add_column(f"r={r} up", justify="right")
+            sizes.add_column(f"r={r} down", justify="right")
+        for m in METHODS:
+            cells = []
+            for r in ranks:
+                key = next(k for k in settings if k[0] == r)
+                cells += [_mib(results[key][m][1] * matrices), _mib(results[key][m][2] * matrices)]
+            sizes.add_row(m, *cells)
         console.print(sizes)
 
 
