@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,3 +40,25 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> ExperimentConfig:
             "optim.batch_size": 16,
         }
     )
+
+
+def as_toml(config: ExperimentConfig) -> str:
+    """The config as TOML (scalars and lists of strings are all it holds)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines, sections = [], []
+    for key, v in config.model_dump(mode="json").items():
+        if isinstance(v, dict):
+            body = [f"{k} = {value(x)}" for k, x in v.items() if x is not None]
+            sections.append(f"[{key}]\n" + "\n".join(body))
+        elif v is not None:
+            lines.append(f"{key} = {value(v)}")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import as_toml
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
@@ -26,28 +27,6 @@ from aslora.privacy import RDP_ORDERS, DPSettings
 from aslora.tasks import load_task
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _toml(config: ExperimentConfig) -> str:
-    """The config as TOML (scalars and lists of strings are all it holds)."""
-
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return str(v).lower()
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    lines, sections = [], []
-    for key, v in config.model_dump(mode="json").items():
-        if isinstance(v, dict):
-            body = [f"{k} = {value(x)}" for k, x in v.items() if x is not None]
-            sections.append(f"[{key}]\n" + "\n".join(body))
-        elif v is not None:
-            lines.append(f"{key} = {value(v)}")
-    return "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
 @pytest.mark.parametrize("method", ["fedavg", "ffa"])
@@ -90,7 +69,7 @@ def _reconstructed_epsilon(run: Path, rounds_done: int) -> float:
 
 def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, tmp_path: Path) -> None:
     config_file = tmp_path / "tiny.toml"
-    config_file.write_text(_toml(tiny_config))
+    config_file.write_text(as_toml(tiny_config))
     result = CliRunner().invoke(app, ["compare", str(config_file), "--methods", "fedavg,ffa", "--seeds", "1", "--target", "0.5"])
     assert result.exit_code == 0, result.output
     assert "fedavg" in result.output and "ffa" in result.output and "rounds to 0.5" in result.output

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from rich.progress import Progress
 from torch.utils.data import TensorDataset
@@ -21,8 +23,8 @@ from aslora.methods import GlobalState, MethodContext, get_method
 from aslora.partition import hold_out, partition
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
 from aslora.results import RunDirectory
-from aslora.server import Federation, RoundRecord, ServerSettings
-from aslora.tasks import load_task
+from aslora.server import Engine, Federation, RoundRecord, ServerSettings
+from aslora.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +92,54 @@ class RunResult:
     records: list[RoundRecord]
 
 
-def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -> RunResult:
-    """Run every round of `config` and write its run directory."""
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    """What a run derives from its config: the same on the server and on every client."""
+
+    config: ExperimentConfig
+    task: Task
+    shards: list[datasets.Dataset]
+    held_out: list[datasets.Dataset]
+    privacy: PrivacyPlan
+    view: LoraView
+    local: LocalSettings
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.shards]
+
+    def local_engine(self) -> LocalEngine:
+        return LocalEngine(self.view, self.shards, self.task.encode, self.local, self.task.loss)
+
+
+def prepare(config: ExperimentConfig) -> Setup:
+    """Data, client shards, privacy plan, model and client settings, all from the seed."""
     task = load_task(config)
     shards = partition(task.train, config.data, config.seed, min_size=config.optim.batch_size)
     shards, held_out = hold_out(shards, config.data.holdout_fraction, config.seed)
-    sizes = [len(s) for s in shards]
-    privacy = plan_privacy(config, sizes)
-    log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
+    privacy = plan_privacy(config, [len(s) for s in shards])
+    local = LocalSettings(
+        steps=config.federation.local_steps,
+        batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        optimizer=config.optim.optimizer,
+        dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip),
+        accountant=config.privacy.accountant,
+        train_head=config.lora.train_head,
+    )
+    return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local)
 
-    view = LoraView(task.build_model(config))
+
+def run_experiment(
+    config: ExperimentConfig,
+    progress: Progress | None = None,
+    engine: Callable[[Setup], Engine] = Setup.local_engine,
+) -> RunResult:
+    """Run every round of `config` over `engine` (in-process by default) and write its run directory."""
+    started = time.perf_counter()
+    setup = prepare(config)
+    task, held_out, privacy, view, sizes = setup.task, setup.held_out, setup.privacy, setup.view, setup.sizes
+    log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
     method = get_method(config.method, method_context(config, privacy))
     state = GlobalState(
         factors=view.get_factors(),
@@ -131,20 +170,10 @@ def run_experiment(config: ExperimentConfig, progress: Progress | None = None) -
                 metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=sizes))
         return metrics
 
-    local = LocalSettings(
-        steps=config.federation.local_steps,
-        batch_size=config.optim.batch_size,
-        lr=config.optim.lr,
-        optimizer=config.optim.optimizer,
-        dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip),
-        accountant=config.privacy.accountant,
-        train_head=config.lora.train_head,
-    )
-    engine = LocalEngine(view, shards, task.encode, local, task.loss)
     fed = config.federation
     federation = Federation(
         method=method,
-        engine=engine,
+        engine=engine(setup),
         state=state,
         client_sizes=sizes,
         settings=ServerSettings(

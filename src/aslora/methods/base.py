@@ -9,7 +9,7 @@ testable without a model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,21 @@ class GlobalState:
     memory: dict[str, Any] = field(default_factory=dict)
     # Dense updates folded into the frozen weights (FedEx-LoRA, FLoRA): W = W0 + residual.
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(cls, flat: Mapping[str, torch.Tensor]) -> GlobalState:
+        """The inverse of `tensors()` (scaling and memory stay with the server)."""
+        factors: Factors = {}
+        head, residual = {}, {}
+        for name, tensor in flat.items():
+            if name.startswith("head."):
+                head[name.removeprefix("head.")] = tensor
+            elif name.endswith(".residual"):
+                residual[name.removesuffix(".residual")] = tensor
+            else:
+                layer, factor = name.rsplit(".lora_", 1)
+                factors.setdefault(layer, {})[factor] = tensor
+        return cls(factors=factors, head=head, scaling={}, residual=residual)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything a client must hold, by name: factors, head, residuals."""
