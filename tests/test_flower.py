@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,20 @@ def test_flower_simulation_matches_the_local_engine(
 ) -> None:
     """`aslora run --engine flower` (a ServerApp and one ClientApp per client on Flower's
     simulation engine) ends with the local engine's adapter, for AS-LoRA under DP."""
-    config = tiny_config.with_overrides({"method": "aslora", "privacy.noise_multiplier": 2.0})
+    # One of the three clients of every round fails (simulated): Flower reports the
+    # error, and the round goes on with the other two.
+    config = tiny_config.with_overrides(
+        {"method": "aslora", "privacy.noise_multiplier": 2.0, "federation.clients_per_round": 3, "federation.dropout": 0.3}
+    )
     run_experiment(config.with_overrides({"output_dir": str(tmp_path / "local")}))
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(as_toml(config.with_overrides({"output_dir": str(tmp_path / "flower")})))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     result = CliRunner().invoke(app, ["run", str(config_file), "--engine", "flower"])
     assert result.exit_code == 0, result.output
+    (run,) = [p.parent for p in (tmp_path / "flower").glob("*/summary.json")]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["rejected"]) for r in rows] == [1, 1] and all(len(r["clients"]) == 3 for r in rows)
     local, flower = _adapter(tmp_path / "local"), _adapter(tmp_path / "flower")
     assert local.keys() == flower.keys()
     for name in local:

@@ -189,3 +189,12 @@ def test_heterogeneous_ranks_keep_their_padding_at_zero_under_dp(tiny_config: Ex
 def test_heterogeneous_rank_config_errors(tiny_config: ExperimentConfig, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_config.with_overrides(overrides)
+
+
+def test_dropped_clients_are_rejected_and_the_rest_aggregated(tiny_config: ExperimentConfig) -> None:
+    config = tiny_config.with_overrides({"federation.clients_per_round": 4, "federation.dropout": 0.5})
+    result = run_experiment(config)
+    rows = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["rejected"]) for r in rows] == [2, 2]
+    assert all(r["examples_seen"] > 0 and r["bytes_up_per_client"] > 0 for r in rows)
+    assert result.summary["rejected_updates"] == 4

@@ -39,6 +39,11 @@ class ClientJob:
     mask: Mask
     statistics: str | None = None  # what to measure for the server (Method.statistics)
     rank: int | None = None  # train only the first `rank` LoRA components (heterogeneous ranks)
+    fail: bool = False  # a simulated fault: the client drops out before training
+
+
+class ClientDropout(RuntimeError):
+    """A simulated client fault (federation.dropout)."""
 
 
 def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -86,6 +91,8 @@ def train_client(
     factor feeds the moment tracker, and only the masked factors are updated.
     With "last_step", the trained factors' final privatised gradient is kept.
     """
+    if job.fail:
+        raise ClientDropout(f"client {job.client_id} dropped out in round {job.round_index} (simulated)")
     view.set_factors(state.factors)
     view.set_head(state.head)
     view.set_residual(state.residual)

@@ -70,6 +70,9 @@ class FederationConfig(_Section):
     clients_per_round: int = Field(10, ge=1)
     local_steps: int = Field(5, ge=1)
     eval_every: int = Field(1, ge=1)
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of each round's sampled clients that fail (simulated faults)"
+    )
 
 
 class OptimConfig(_Section):

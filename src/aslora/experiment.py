@@ -188,6 +188,7 @@ def run_experiment(
             accountant=config.privacy.accountant,
             delta=config.privacy.delta,
             epsilon_budget=privacy.budget,
+            dropout=fed.dropout,
         ),
         evaluate=evaluate,
         train_head=config.lora.train_head,

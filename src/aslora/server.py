@@ -56,6 +56,7 @@ class ServerSettings:
     accountant: str
     delta: float
     epsilon_budget: float | None
+    dropout: float = 0.0
 
 
 @dataclass
@@ -182,6 +183,14 @@ class Federation:
         m = min(self.settings.clients_per_round, len(eligible))
         return sorted(int(c) for c in rng.choice(eligible, size=m, replace=False))
 
+    def failing(self, round_index: int, clients: Sequence[int]) -> set[int]:
+        """The sampled clients that drop out this round (seeded), a `dropout` share of them."""
+        count = round(self.settings.dropout * len(clients))
+        if count == 0:
+            return set()
+        rng = np.random.default_rng([self.settings.seed, round_index, 1])
+        return {int(c) for c in rng.choice(clients, size=count, replace=False)}
+
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
         current = self.method.downloaded(self.state)
@@ -194,6 +203,7 @@ class Federation:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
             return None
         clients = self.sample(round_index, eligible)
+        failing = self.failing(round_index, clients)
         mask = self.method.plan(round_index, self.state)
         bytes_down = [payload_bytes(self._download(c)) for c in clients]
         for c in clients:
@@ -206,6 +216,7 @@ class Federation:
                 mask=mask,
                 statistics=self.method.statistics,
                 rank=self.method.client_rank(c),
+                fail=c in failing,
             )
             for c in clients
         ]

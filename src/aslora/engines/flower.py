@@ -52,6 +52,7 @@ def encode_job(job: ClientJob, config: ExperimentConfig) -> ConfigRecord:
                     "mask": {layer: list(fs) for layer, fs in job.mask.items()},
                     "statistics": job.statistics,
                     "rank": job.rank,
+                    "fail": job.fail,
                 }
             ),
         }
