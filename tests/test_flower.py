@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ from typer.testing import CliRunner
 from aslora.cli import app
 from aslora.config import ExperimentConfig
 from aslora.experiment import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _adapter(output: Path) -> dict[str, torch.Tensor]:
@@ -45,3 +51,37 @@ def test_flower_simulation_matches_the_local_engine(
     for name in local:
         # Ray gives each client process one thread: float sums may differ in the last bits.
         torch.testing.assert_close(flower[name], local[name], rtol=1e-4, atol=1e-6)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
+    """A real SuperLink and three SuperNodes on 127.0.0.1, `flwr run`, then every process stopped."""
+    config = tmp_path / "synthetic.toml"
+    text = (REPO / "configs" / "synthetic.toml").read_text()
+    for old, new in (("num_clients = 10", "num_clients = 3"), ("clients_per_round = 5", "clients_per_round = 3"), ("rounds = 40", "rounds = 2")):
+        text = text.replace(old, new)
+    config.write_text(text.replace('seed = 0\n', f'seed = 0\noutput_dir = "{tmp_path / "runs"}"\n', 1))
+    port = 20000 + os.getpid() % 5000
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "flower_local_deploy.py"), str(config), "--port", str(port), "--timeout", "600"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    assert json.loads(summary.read_text())["rounds_completed"] == 2
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(f"127.0.0.1:{port}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(f"127.0.0.1:{port}") == []
