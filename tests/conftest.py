@@ -62,3 +62,8 @@ def as_toml(config: ExperimentConfig) -> str:
         elif v is not None:
             lines.append(f"{key} = {value(v)}")
     return "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import metric_rows
 from safetensors.torch import load_file
 
 from aslora.adapters import FACTORS, LoraView
@@ -16,10 +16,6 @@ from aslora.experiment import run_experiment
 from aslora.methods import GlobalState
 from aslora.privacy import DPSettings
 from aslora.tasks import load_task
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +34,7 @@ def test_round_zero_trains_b_and_scores_a_at_exactly_zero(tiny_config: Experimen
     ).model_dump(mode="json")
     raw["privacy"].update(epsilon=None, noise_multiplier=0.0)
     result = run_experiment(parse_config(raw))
-    (row,) = _rows(result.directory)
+    (row,) = metric_rows(result.directory)
     assert all(factors == ["B"] for factors in row["mask"].values())
     for layer, factors in row["selection"]["stats"].items():
         assert factors["A"] == {"G": 0.0, "Q": 0.0, "T": 0.0}, layer  # B = 0: dL/dA = s B^T ... = 0
@@ -78,17 +74,17 @@ def test_fixed_schedules_reproduce_their_baselines_bit_for_bit(dp_config: Experi
         a, b = _adapter(base.directory), _adapter(ours.directory)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{schedule} differs from {baseline}"
-        assert [r["mask"] for r in _rows(base.directory)] == [r["mask"] for r in _rows(ours.directory)]
-    rolora_masks = [{f for fs in r["mask"].values() for f in fs} for r in _rows(base.directory)]
+        assert [r["mask"] for r in metric_rows(base.directory)] == [r["mask"] for r in metric_rows(ours.directory)]
+    rolora_masks = [{f for fs in r["mask"].values() for f in fs} for r in metric_rows(base.directory)]
     assert rolora_masks == [{"B"}, {"A"}]
 
 
 def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig) -> None:
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa"}))
     ours = run_experiment(dp_config.with_overrides({"method": "aslora"}))
-    assert [r["epsilon"] for r in _rows(ours.directory)] == [r["epsilon"] for r in _rows(ffa.directory)]
+    assert [r["epsilon"] for r in metric_rows(ours.directory)] == [r["epsilon"] for r in metric_rows(ffa.directory)]
     assert ours.summary["epsilon"] > 0
-    rows = _rows(ours.directory)
+    rows = metric_rows(ours.directory)
     assert all(set(r["selection"]["scores"]) == set(r["mask"]) for r in rows)
     assert all(r["agg_error"] < 1e-6 for r in rows)  # exact, whatever the mask
 
@@ -96,7 +92,7 @@ def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig) -> None:
 def test_official_rule_runs_under_dp_with_exact_aggregation(dp_config: ExperimentConfig) -> None:
     config = dp_config.with_overrides({"method": "aslora", "selection.rule": "official", "federation.rounds": 3})
     result = run_experiment(config)
-    rows = _rows(result.directory)
+    rows = metric_rows(result.directory)
     assert {f for fs in rows[0]["mask"].values() for f in fs} == {"B"}  # warm-up starts with B
     for row in rows:
         active = {layer: fs[0] for layer, fs in row["mask"].items()}
@@ -105,4 +101,4 @@ def test_official_rule_runs_under_dp_with_exact_aggregation(dp_config: Experimen
         }
         assert row["agg_error"] < 1e-6
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa", "federation.rounds": 3}))
-    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in _rows(ffa.directory)]
+    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in metric_rows(ffa.directory)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import as_toml
+from conftest import as_toml, metric_rows
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -44,7 +44,7 @@ def test_flower_simulation_matches_the_local_engine(
     result = CliRunner().invoke(app, ["run", str(config_file), "--engine", "flower"])
     assert result.exit_code == 0, result.output
     (run,) = [p.parent for p in (tmp_path / "flower").glob("*/summary.json")]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     assert [len(r["rejected"]) for r in rows] == [1, 1] and all(len(r["clients"]) == 3 for r in rows)
     local, flower = _adapter(tmp_path / "local"), _adapter(tmp_path / "flower")
     assert local.keys() == flower.keys()

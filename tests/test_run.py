@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import as_toml
+from conftest import as_toml, metric_rows
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
@@ -54,7 +54,7 @@ def _reconstructed_epsilon(run: Path, rounds_done: int) -> float:
     """Opacus's RDP epsilon rebuilt from what the run logged: sizes, sigma, participations."""
     stored = json.loads((run / "config.json").read_text())
     plan, config = stored["privacy_plan"], stored["config"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][:rounds_done]
+    rows = metric_rows(run)[:rounds_done]
     worst = 0.0
     for client, n in enumerate(plan["client_sizes"]):
         joined = sum(client in r["clients"] and client not in r["rejected"] for r in rows)
@@ -80,7 +80,7 @@ def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, 
     assert len(list(out.glob("compare-*/comparison.png"))) == 1
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(run)
         assert len(rows) == 2 and (run / "metrics.png").stat().st_size > 0
         for key in ("train_loss", "epsilon", "agg_error", "agg_time_s", "bytes_up_per_client", "bytes_down_per_client"):
             assert all(key in r for r in rows)
@@ -134,7 +134,7 @@ def test_missing_local_files_name_the_file(tiny_config: ExperimentConfig, tmp_pa
 @pytest.mark.parametrize("method", ["fedex", "flora", "fedsvd", "flexlora"])
 def test_folding_and_svd_baselines_complete_two_dp_rounds(tiny_config: ExperimentConfig, method: str) -> None:
     result = run_experiment(tiny_config.with_overrides({"method": method}))
-    rows = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(result.directory)
     assert len(rows) == 2 and 0 < result.summary["epsilon"] <= tiny_config.privacy.epsilon
     if method == "flexlora":  # rank-r truncation of a sum of two clients' rank-r products
         assert all(0 < r["agg_error"] < 1 for r in rows)
@@ -149,7 +149,7 @@ def test_folding_and_svd_baselines_complete_two_dp_rounds(tiny_config: Experimen
 def test_fedsa_reports_personalised_and_global_metrics(tiny_config: ExperimentConfig) -> None:
     config = tiny_config.with_overrides({"method": "fedsa", "data.holdout_fraction": 0.2})
     result = run_experiment(config)
-    rows = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(result.directory)
     assert all({"accuracy", "personal_accuracy"} <= set(r["metrics"]) for r in rows)
     fedavg = run_experiment(config.with_overrides({"method": "fedavg"}))
     # FedSA uploads A only: half of FedAvg's factors, and no head.
@@ -194,7 +194,7 @@ def test_heterogeneous_rank_config_errors(tiny_config: ExperimentConfig, overrid
 def test_dropped_clients_are_rejected_and_the_rest_aggregated(tiny_config: ExperimentConfig) -> None:
     config = tiny_config.with_overrides({"federation.clients_per_round": 4, "federation.dropout": 0.5})
     result = run_experiment(config)
-    rows = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(result.directory)
     assert [len(r["rejected"]) for r in rows] == [2, 2]
     assert all(r["examples_seen"] > 0 and r["bytes_up_per_client"] > 0 for r in rows)
     assert result.summary["rejected_updates"] == 4

@@ -26,7 +26,6 @@ from aslora.selection import (
     official_temperature,
     official_warmup,
     score,
-    update_active_ema,
     update_ema,
 )
 
@@ -223,7 +222,7 @@ def test_official_decision_warms_up_then_draws_with_that_probability() -> None:
 
 def test_official_ema_moves_only_the_active_factor() -> None:
     ema = {"l": {"A": 1.0, "B": 2.0}}
-    new = update_active_ema(ema, {"l": {"B": 4.0}}, beta=0.9)
+    new = update_ema(ema, {"l": {"B": 4.0}}, beta=0.9)
     assert new["l"] == {"A": 1.0, "B": pytest.approx(2.2)}
     assert ema["l"]["B"] == 2.0  # not mutated
 

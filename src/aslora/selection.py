@@ -222,16 +222,6 @@ def decide(
     return mask
 
 
-def update_ema(
-    ema: Mapping[str, Mapping[str, float]], scores: Mapping[str, Mapping[str, float]], beta: float
-) -> dict[str, dict[str, float]]:
-    """S(t) = beta S(t-1) + (1 - beta) s(t), per layer and factor (S(-1) = 0)."""
-    return {
-        layer: {f: beta * ema.get(layer, {}).get(f, 0.0) + (1 - beta) * s for f, s in factors.items()}
-        for layer, factors in scores.items()
-    }
-
-
 # The authors' rule (ALGORITHM.md section 7) ------------------------------------
 
 
@@ -272,10 +262,14 @@ def decide_official(
     return mask
 
 
-def update_active_ema(
+def update_ema(
     ema: Mapping[str, Mapping[str, float]], scores: Mapping[str, Mapping[str, float]], beta: float
 ) -> dict[str, dict[str, float]]:
-    """The EMA of the factors that were scored (the active ones); the others keep theirs."""
+    """S(t) = beta S(t-1) + (1 - beta) s(t) for every scored layer and factor (S(-1) = 0).
+
+    Factors without a score this round keep their EMA: the official rule
+    scores only the active factor; the spec rule scores both.
+    """
     new = {layer: dict(factors) for layer, factors in ema.items()}
     for layer, factors in scores.items():
         for factor, value in factors.items():

@@ -88,11 +88,6 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return len(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})) if tensors else 0
 
 
-def flatten(factors: dict[str, dict[str, torch.Tensor]], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One flat name -> tensor map of factors and head, as payloads hold them."""
-    return GlobalState(factors=factors, head=head, scaling={}).tensors()
-
-
 def upload(method: Method, update: ClientUpdate) -> dict[str, torch.Tensor]:
     """What a client sends: what the method uploads, and its score statistics."""
     payload = method.uploaded(update)
@@ -127,8 +122,8 @@ def validate_update(
         values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
         if not all(math.isfinite(v) and v >= 0 for v in values):
             return "its score statistics are negative or non-finite"
-    tensors = list(flatten(update.factors, update.head).items())
-    reference = flatten(state.factors, state.head)
+    tensors = list(update.tensors().items())
+    reference = state.tensors()
     for name, tensor in tensors:
         if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
             return f"{name} has shape {tuple(tensor.shape)}/{tensor.dtype}, expected {tuple(reference[name].shape)}"

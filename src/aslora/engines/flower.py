@@ -66,7 +66,7 @@ def decode_job(record: ConfigRecord) -> tuple[ClientJob, ExperimentConfig]:
 
 
 def encode_update(update: ClientUpdate) -> RecordDict:
-    tensors = GlobalState(factors=update.factors, head=update.head, scaling={}).tensors()
+    tensors = update.tensors()
     meta = {
         "client_id": update.client_id,
         "n_examples": update.n_examples,

@@ -27,7 +27,6 @@ from aslora.selection import (
     mean_statistics,
     official_warmup,
     score,
-    update_active_ema,
     update_ema,
 )
 
@@ -76,7 +75,7 @@ class ASLoRA(AveragingMethod):
         if self.official:
             stats = mean_statistics([u.stats for u in updates], weights)
             scores = {layer: {f: v["S"] for f, v in fs.items()} for layer, fs in stats.items()}
-            ema = update_active_ema(memory["ema"], scores, self.context.selection.beta)
+            ema = update_ema(memory["ema"], scores, self.context.selection.beta)
             memory.update(stats=stats, scores=scores, ema=ema)
         elif self.statistics == "moments":
             stats = mean_statistics([u.stats for u in updates], weights)

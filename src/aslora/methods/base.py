@@ -71,6 +71,10 @@ class ClientUpdate:
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The trained factors and head, named as in `GlobalState.tensors()`."""
+        return GlobalState(factors=self.factors, head=self.head, scaling={}).tensors()
+
 
 @dataclass(frozen=True)
 class MethodContext:
@@ -115,7 +119,7 @@ class Method(ABC):
 
     def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """The tensors a client sends: its trained factors and its head."""
-        return GlobalState(factors=update.factors, head=update.head, scaling={}).tensors()
+        return update.tensors()
 
     def client_rank(self, client: int) -> int | None:
         """The LoRA rank this client trains at, if below the model's (heterogeneous ranks)."""
