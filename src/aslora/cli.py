@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from aslora.config import ConfigError, ExperimentConfig, load_config
+from aslora.config import ConfigError, ExperimentConfig, load_config, parse_config
 from aslora.privacy import calibrate_noise, epsilon_for
 from aslora.report import comparison_table, plot_comparison
 from aslora.tasks import DataNotFoundError
@@ -72,7 +72,7 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def run(
-    config: ConfigArg,
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML file, e.g. configs/demo.toml")] = None,
     method: MethodOpt = None,
     epsilon: EpsilonOpt = None,
     rounds: RoundsOpt = None,
@@ -80,6 +80,7 @@ def run(
     data_dir: DataDirOpt = None,
     output_dir: OutputOpt = None,
     engine: Annotated[str, typer.Option(help="local (in-process) or flower (Flower's simulation engine)")] = "local",
+    resume: Annotated[Path | None, typer.Option(help="a run directory to continue from its last checkpoint")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run one federated experiment and write runs/<id>/."""
@@ -87,16 +88,23 @@ def run(
     from aslora.experiment import run_experiment
 
     try:
-        cfg = _configure(
-            config,
-            {"method": method, "privacy.epsilon": epsilon, "federation.rounds": rounds, "seed": seed,
-             "data.dir": data_dir, "output_dir": output_dir},
-        )
+        if resume is not None:
+            cfg = _resumed_config(resume)
+        elif config is None:
+            raise ValueError("give a CONFIG file, or --resume runs/<id> to continue a run")
+        else:
+            cfg = _configure(
+                config,
+                {"method": method, "privacy.epsilon": epsilon, "federation.rounds": rounds, "seed": seed,
+                 "data.dir": data_dir, "output_dir": output_dir},
+            )
         if engine == "flower":
+            if resume is not None:
+                raise ValueError("--resume continues on the local engine; drop --engine flower")
             summary, directory = _run_on_flower(cfg)
         elif engine == "local":
             with _progress() as progress:
-                result = run_experiment(cfg, progress)
+                result = run_experiment(cfg, progress, resume=resume)
             summary, directory = result.summary, result.directory
         else:
             raise ValueError(f"--engine {engine!r}: choose local or flower")
@@ -104,6 +112,14 @@ def run(
         _fail(exc)
     console.print(comparison_table([summary], _metric(summary)))
     console.print(f"results in [bold]{directory}[/]")
+
+
+def _resumed_config(run_dir: Path) -> ExperimentConfig:
+    """The resolved config a run directory was started with."""
+    stored = run_dir / "config.json"
+    if not stored.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); pass runs/<id>")
+    return parse_config(json.loads(stored.read_text())["config"])
 
 
 def _run_on_flower(config: ExperimentConfig) -> tuple[dict[str, Any], Path]:

@@ -16,6 +16,7 @@ from rich.progress import Progress
 from torch.utils.data import TensorDataset
 
 from aslora.adapters import LoraView
+from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
@@ -134,8 +135,13 @@ def run_experiment(
     config: ExperimentConfig,
     progress: Progress | None = None,
     engine: Callable[[Setup], Engine] = Setup.local_engine,
+    resume: Path | None = None,
 ) -> RunResult:
-    """Run every round of `config` over `engine` (in-process by default) and write its run directory."""
+    """Run every round of `config` over `engine` (in-process by default) and write its run directory.
+
+    The federation is checkpointed after every round; with `resume` (a run
+    directory) the run continues from its last checkpoint, in that directory.
+    """
     started = time.perf_counter()
     setup = prepare(config)
     task, held_out, privacy, view, sizes = setup.task, setup.held_out, setup.privacy, setup.view, setup.sizes
@@ -193,10 +199,21 @@ def run_experiment(
         evaluate=evaluate,
         train_head=config.lora.train_head,
     )
-    run_dir = RunDirectory.create(config)
-    run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
-    initial = evaluate(state)
-    records: list[RoundRecord] = []
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if resume is not None:
+        run_dir = RunDirectory(resume)
+    else:
+        run_dir = RunDirectory.create(config)
+        run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
+    if checkpoint is not None:
+        federation.state = checkpoint.state
+        federation.restore(checkpoint.server)
+        initial = checkpoint.initial_metrics
+        log.info("resuming %s after round %d", run_dir.path, checkpoint.rounds_done)
+    else:
+        initial = evaluate(state)
+    first_round = checkpoint.rounds_done if checkpoint is not None else 0
+    records: list[RoundRecord] = run_dir.records(first_round)
     label = f"{config.method} seed {config.seed}"
     rounds_task = progress.add_task(f"{label}: rounds", total=fed.rounds) if progress else None
     clients_task = progress.add_task(f"{label}: clients", total=fed.clients_per_round) if progress else None
@@ -206,7 +223,9 @@ def run_experiment(
             progress.advance(clients_task)
 
     stopped = None
-    for r in range(fed.rounds):
+    if progress is not None:
+        progress.advance(rounds_task, first_round)
+    for r in range(first_round, fed.rounds):
         if progress is not None:
             progress.reset(clients_task)
         record = federation.run_round(r, client_done)
@@ -215,6 +234,7 @@ def run_experiment(
             break
         records.append(record)
         run_dir.append_record(record)
+        save_checkpoint(run_dir.path, Checkpoint(r + 1, federation.state, federation.snapshot(), initial))
         if progress is not None:
             progress.advance(rounds_task)
     if progress is not None:

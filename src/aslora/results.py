@@ -48,6 +48,13 @@ class RunDirectory:
         body = {"config": config.model_dump(mode="json"), "privacy_plan": resolved_privacy}
         (self.path / "config.json").write_text(json.dumps(to_json(body), indent=2))
 
+    def records(self, rounds: int) -> list[RoundRecord]:
+        """The first `rounds` records of metrics.jsonl, which is cut back to them (resume)."""
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text().splitlines()[:rounds] if path.is_file() else []
+        path.write_text("".join(line + "\n" for line in lines))
+        return [RoundRecord(**json.loads(line)) for line in lines]
+
     def append_record(self, record: RoundRecord) -> None:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(to_json(record.as_json())) + "\n")

@@ -156,6 +156,19 @@ class Federation:
         self._version: dict[str, int] = dict.fromkeys(method.downloaded(state), 0)
         self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
 
+    def snapshot(self) -> dict[str, Any]:
+        """The bookkeeping a checkpoint must keep: privacy histories and what each client holds."""
+        return {
+            "histories": [[c, [list(h) for h in hist]] for c, hist in self.histories.items()],
+            "versions": dict(self._version),
+            "seen": [[c, dict(v)] for c, v in self._seen.items()],
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.histories = {int(c): [tuple(h) for h in hist] for c, hist in snapshot["histories"]}
+        self._version = dict(snapshot["versions"])
+        self._seen = {int(c): dict(v) for c, v in snapshot["seen"]}
+
     # privacy -----------------------------------------------------------------
     def epsilon(self, client: int, extra_round: bool = False) -> float:
         """The client's spent epsilon, or what it would be after one more round."""

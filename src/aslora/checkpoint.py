@@ -1,0 +1,90 @@
+"""A federation's checkpoint after every round: tensors in safetensors, the rest in JSON.
+
+Written atomically: the tensors go to a new file named by the round, then the
+JSON that names it replaces the previous JSON in one `os.replace` (the commit
+point), then older tensor files are removed. Loading reads only safetensors
+and JSON, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aslora.methods.base import GlobalState
+
+MANIFEST = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue after `rounds_done` rounds."""
+
+    rounds_done: int
+    state: GlobalState
+    server: dict[str, Any]  # the federation's bookkeeping (privacy histories, versions)
+    initial_metrics: dict[str, float]
+
+
+def _split(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able structure with tensors moved out to `tensors` under their path."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {"__dict__": [[_split(k, f"{path}.k{i}", tensors), _split(v, f"{path}.{i}", tensors)]
+                             for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, list | tuple):
+        return [_split(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__dict__" in value:
+        return {_join(k, tensors): _join(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    state = checkpoint.state
+    body = {
+        "rounds_done": checkpoint.rounds_done,
+        "state": _split(
+            {"tensors": state.tensors(), "scaling": state.scaling, "memory": state.memory}, "state", tensors
+        ),
+        "server": checkpoint.server,
+        "initial_metrics": checkpoint.initial_metrics,
+    }
+    tensor_file = f"checkpoint-{checkpoint.rounds_done:05d}.safetensors"
+    save_file(tensors, str(directory / tensor_file))
+    body["tensor_file"] = tensor_file
+    partial = directory / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(body))
+    os.replace(partial, directory / MANIFEST)
+    for old in directory.glob("checkpoint-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink()
+
+
+def load_checkpoint(directory: Path) -> Checkpoint | None:
+    """The last committed checkpoint in `directory`, or None if there is none."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None
+    body = json.loads(manifest.read_text())
+    tensors = load_file(str(directory / body["tensor_file"]))
+    saved = _join(body["state"], tensors)
+    flat = GlobalState.from_tensors(saved["tensors"])
+    state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
+    return Checkpoint(body["rounds_done"], state, body["server"], body["initial_metrics"])

@@ -1,0 +1,81 @@
+"""Checkpoints after every round; a run killed with SIGKILL resumes to the same final adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import as_toml, metric_rows
+from safetensors.torch import load_file
+
+from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from aslora.config import ExperimentConfig
+from aslora.experiment import run_experiment
+from aslora.methods import GlobalState
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_config: ExperimentConfig, tmp_path: Path) -> None:
+    config = tiny_config.with_overrides(
+        {"method": "aslora", "privacy.noise_multiplier": 2.0, "federation.rounds": 4, "federation.eval_every": 2}
+    )
+    reference = run_experiment(config.with_overrides({"output_dir": str(tmp_path / "reference")}))
+    assert load_checkpoint(reference.directory).rounds_done == 4
+
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(as_toml(config.with_overrides({"output_dir": str(tmp_path / "killed")})))
+    command = [sys.executable, "-m", "aslora", "run"]
+    victim = subprocess.Popen([*command, str(config_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    run = None
+    while time.monotonic() < deadline and victim.poll() is None:
+        manifests = list((tmp_path / "killed").glob("*/checkpoint.json"))
+        if manifests and json.loads(manifests[0].read_text())["rounds_done"] >= 1:
+            run = manifests[0].parent
+            break
+        time.sleep(0.05)
+    assert run is not None and victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = load_checkpoint(run).rounds_done
+    assert 1 <= killed_at < 4 and not (run / "summary.json").exists()
+
+    resumed = subprocess.run([*command, "--resume", str(run)], capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    final, expected = _adapter(run), _adapter(reference.directory)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in final)
+    assert [r["round"] for r in metric_rows(run)] == [0, 1, 2, 3]
+    assert [r["epsilon"] for r in metric_rows(run)] == [r["epsilon"] for r in metric_rows(reference.directory)]
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 4
+
+
+def test_checkpoint_round_trip_keeps_tensors_keys_and_types(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = GlobalState(
+        factors={"l": {"A": torch.randn(2, 3, generator=gen), "B": torch.randn(4, 2, generator=gen)}},
+        head={"w": torch.randn(3, generator=gen)},
+        scaling={"l": 2.0},
+        memory={"personal": {7: {"B": {"l": torch.ones(4, 2)}, "head": {}}}, "ema": {"l": {"A": 0.5}}, "merges": 3},
+        residual={"l": torch.randn(4, 3, generator=gen)},
+    )
+    save_checkpoint(tmp_path, Checkpoint(2, state, {"histories": [[7, [[1.0, 0.1, 5]]]]}, {"accuracy": 0.5}))
+    save_checkpoint(tmp_path, Checkpoint(3, state, {"histories": []}, {"accuracy": 0.5}))
+    assert [p.name for p in tmp_path.glob("checkpoint-*.safetensors")] == ["checkpoint-00003.safetensors"]
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.rounds_done == 3 and loaded.initial_metrics == {"accuracy": 0.5}
+    for name, tensor in state.tensors().items():
+        assert torch.equal(loaded.state.tensors()[name], tensor)
+    assert torch.equal(loaded.state.memory["personal"][7]["B"]["l"], torch.ones(4, 2))  # int key kept
+    assert loaded.state.memory["ema"] == {"l": {"A": 0.5}} and loaded.state.memory["merges"] == 3
+    assert loaded.state.scaling == {"l": 2.0}
+    assert load_checkpoint(tmp_path / "missing") is None
