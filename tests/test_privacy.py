@@ -137,3 +137,41 @@ def test_cli_privacy_both_ways() -> None:
     both = runner.invoke(app, ["privacy", "--sigma", "1", "--epsilon", "1"])
     assert both.exit_code == 2 and "exactly one" in both.output
     assert np.isfinite(sigma)
+
+
+def test_added_noise_has_the_configured_standard_deviation(task_and_view) -> None:
+    """With a zero loss the applied gradient is the noise alone: N(0, (sigma C / b)^2) per coordinate."""
+    task, view = task_and_view
+    data = task.encode(task.train)
+    params = view.set_trainable({layer: ("A", "B") for layer in view.layers}, train_head=True)
+    sigma, clip = 1.3, 0.7
+    dp = DPSettings(enabled=True, noise_multiplier=sigma, clip=clip)
+    with private_training(view.model, params, data, 16, "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator().manual_seed(5)) as s:
+        s.module.train()
+        s.optimizer.zero_grad(set_to_none=True)
+        (0.0 * s.module(**task._inputs(data[:8])).logits.sum()).backward()
+        s.optimizer.step()
+        noise = torch.cat([p.grad.flatten() for p in params])
+        expected = sigma * clip / s.optimizer.expected_batch_size
+    assert noise.numel() > 50_000
+    assert float(noise.std()) == pytest.approx(expected, rel=0.02)
+    assert abs(float(noise.mean())) < 3 * expected / noise.numel() ** 0.5
+
+
+def test_dp_sgd_without_noise_or_clipping_is_plain_sgd(task_and_view) -> None:
+    """sigma = 0 and an unreachable clip: Opacus's gradient equals the plain mean gradient."""
+    task, view = task_and_view
+    data = task.encode(task.train)
+    batch = data[:16]
+    params = view.set_trainable({layer: ("A", "B") for layer in view.layers}, train_head=True)
+    grads = {}
+    for enabled in (True, False):
+        dp = DPSettings(enabled=enabled, noise_multiplier=0.0, clip=1e9)
+        with private_training(view.model, params, data, 16, "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
+            s.module.train()
+            s.optimizer.zero_grad(set_to_none=True)
+            task.loss(s.module, batch).backward()
+            s.step()
+            grads[enabled] = [p.grad.detach().clone() for p in params]
+    for private, plain in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(private, plain, rtol=1e-4, atol=1e-7)
