@@ -198,3 +198,16 @@ def test_dropped_clients_are_rejected_and_the_rest_aggregated(tiny_config: Exper
     assert [len(r["rejected"]) for r in rows] == [2, 2]
     assert all(r["examples_seen"] > 0 and r["bytes_up_per_client"] > 0 for r in rows)
     assert result.summary["rejected_updates"] == 4
+
+
+def test_rounds_below_the_minimum_of_clients_are_skipped(tiny_config: ExperimentConfig) -> None:
+    """Half of four clients fail each round; with min_clients = 3 no round is aggregated."""
+    config = tiny_config.with_overrides(
+        {"federation.clients_per_round": 4, "federation.dropout": 0.5, "federation.min_clients": 3}
+    )
+    result = run_experiment(config)
+    rows = metric_rows(result.directory)
+    assert all(r["examples_seen"] == 0 and r["bytes_up_per_client"] == 0 for r in rows)
+    assert result.summary["final_metrics"] == result.summary["initial_metrics"]  # the model never moved
+    with pytest.raises(ConfigError, match="min_clients=5 exceeds"):
+        tiny_config.with_overrides({"federation.min_clients": 5})

@@ -73,6 +73,7 @@ class FederationConfig(_Section):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="share of each round's sampled clients that fail (simulated faults)"
     )
+    min_clients: int = Field(1, ge=1, description="a round with fewer valid updates is skipped, not averaged")
 
 
 class OptimConfig(_Section):
@@ -173,6 +174,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "method 'fedsa' evaluates each client's own model on its held-out split: "
                 "set data.holdout_fraction, e.g. 0.1"
+            )
+        if fed.min_clients > fed.clients_per_round:
+            raise ValueError(
+                f"federation.min_clients={fed.min_clients} exceeds federation.clients_per_round="
+                f"{fed.clients_per_round}: no round could ever be aggregated"
             )
         if fed.clients_per_round > data.num_clients:
             raise ValueError(

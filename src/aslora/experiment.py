@@ -195,6 +195,7 @@ def run_experiment(
             delta=config.privacy.delta,
             epsilon_budget=privacy.budget,
             dropout=fed.dropout,
+            min_clients=fed.min_clients,
         ),
         evaluate=evaluate,
         train_head=config.lora.train_head,

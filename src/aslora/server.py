@@ -57,6 +57,7 @@ class ServerSettings:
     delta: float
     epsilon_budget: float | None
     dropout: float = 0.0
+    min_clients: int = 1
 
 
 @dataclass
@@ -244,8 +245,11 @@ class Federation:
                 log.warning("round %d: rejected client %d: %s", round_index, job.client_id, reason)
         for update in accepted:
             self.histories[update.client_id].extend(update.privacy_history)
-        if not accepted:
-            log.warning("round %d: no valid update; the global model is unchanged", round_index)
+        if len(accepted) < self.settings.min_clients:
+            log.warning(
+                "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
+                "model is unchanged", round_index, len(accepted), self.settings.min_clients,
+            )
             return self._record(round_index, clients, rejected, mask, [], 0.0, {}, bytes_down)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
