@@ -108,7 +108,7 @@ def run(
             summary, directory = result.summary, result.directory
         else:
             raise ValueError(f"--engine {engine!r}: choose local or flower")
-    except (ConfigError, DataNotFoundError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, DataNotFoundError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     console.print(comparison_table([summary], _metric(summary)))
     console.print(f"results in [bold]{directory}[/]")
@@ -179,7 +179,7 @@ def compare(
                 result = run_experiment(cfg, progress)
                 summaries.append(result.summary)
                 curves.setdefault(cfg.method, []).append(result.summary["metric_by_round"])
-    except (ConfigError, DataNotFoundError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataNotFoundError, ValueError, OSError) as exc:
         _fail(exc)
     metric = _metric(summaries[0])
     out = Path(base.output_dir) / f"compare-{datetime.now():%Y%m%d-%H%M%S}-{base.name}"

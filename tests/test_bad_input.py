@@ -1,0 +1,84 @@
+"""Bad input fails early with a message that names the problem, and leaves no output behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aslora.cli import app
+from aslora.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_VALUES = [-1, 0, -0.5, 1e12, "nonsense", None, [], ["x"], {"a": 1}, True, float("nan")]
+
+
+def _leaves(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        keys += _leaves(value, path + ".") if isinstance(value, dict) else [path]
+    return keys
+
+
+def test_fuzzed_configs_fail_only_with_a_config_error_naming_the_key() -> None:
+    base = load_config(REPO / "configs" / "demo.toml").model_dump(mode="json")
+    keys = _leaves(base)
+    rng = np.random.default_rng(0)
+    failures = 0
+    for _ in range(300):
+        key = keys[rng.integers(len(keys))]
+        value = BAD_VALUES[rng.integers(len(BAD_VALUES))]
+        raw = load_config(REPO / "configs" / "demo.toml").model_dump(mode="json")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        try:
+            parse_config(raw)
+        except ConfigError as exc:
+            failures += 1
+            section = key.split(".")[0]
+            assert section in str(exc) or "clients_per_round" in str(exc), (key, value, str(exc))
+        # Any other exception type fails the test by propagating.
+    assert failures > 150  # most of these values are impossible somewhere
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["run", str(REPO / "configs" / "demo.toml"), "--output-dir", str(tmp_path / "runs"), *args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_missing_data_files(tmp_path: Path) -> None:
+    (tmp_path / "data" / "glue" / "SST-2").mkdir(parents=True)
+    code, output = _run(tmp_path, "--data-dir", str(tmp_path / "data"))
+    assert code == 2 and "train.tsv" in output and "dev.tsv" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wrong_model_name(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tmp_path / "bad-model.toml"
+    config.write_text((REPO / "configs" / "demo.toml").read_text().replace('name = "minilm"', 'name = "no-such/model"'))
+    result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "model.name='no-such/model'" in output and "local folder" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    text = (REPO / "configs" / "demo.toml").read_text().replace("[data]\n", "[data]\ntrain_subset = 100\n")
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "data.num_clients" in output and "data.train_subset" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run directory" in " ".join(result.output.split())
