@@ -211,3 +211,22 @@ def test_rounds_below_the_minimum_of_clients_are_skipped(tiny_config: Experiment
     assert result.summary["final_metrics"] == result.summary["initial_metrics"]  # the model never moved
     with pytest.raises(ConfigError, match="min_clients=5 exceeds"):
         tiny_config.with_overrides({"federation.min_clients": 5})
+
+
+def test_stragglers_are_rejected_but_still_charged_for_privacy(tiny_config: ExperimentConfig) -> None:
+    """A late update is not averaged in, but its client trained: its epsilon counts the round."""
+    config = tiny_config.with_overrides({"federation.clients_per_round": 4, "federation.stragglers": 0.25})
+    result = run_experiment(config)
+    rows = metric_rows(result.directory)
+    assert [len(r["rejected"]) for r in rows] == [1, 1]
+    stored = json.loads((result.directory / "config.json").read_text())
+    sizes, sigma = stored["privacy_plan"]["client_sizes"], stored["privacy_plan"]["noise_multiplier"]
+    worst = 0.0
+    for client, n in enumerate(sizes):  # every sampled client trained, late or not
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, min(1.0, 16 / n), 4)] * sum(client in r["clients"] for r in rows)
+        if accountant.history:
+            worst = max(worst, accountant.get_epsilon(1e-5, alphas=list(RDP_ORDERS)))
+    assert rows[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
+    with pytest.raises(ConfigError, match="must stay below 1"):
+        tiny_config.with_overrides({"federation.dropout": 0.5, "federation.stragglers": 0.5})

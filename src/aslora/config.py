@@ -73,6 +73,9 @@ class FederationConfig(_Section):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="share of each round's sampled clients that fail (simulated faults)"
     )
+    stragglers: float = Field(
+        0.0, ge=0, lt=1, description="share of sampled clients whose updates arrive too late (simulated)"
+    )
     min_clients: int = Field(1, ge=1, description="a round with fewer valid updates is skipped, not averaged")
 
 
@@ -175,6 +178,8 @@ class ExperimentConfig(_Section):
                 "method 'fedsa' evaluates each client's own model on its held-out split: "
                 "set data.holdout_fraction, e.g. 0.1"
             )
+        if fed.dropout + fed.stragglers >= 1:
+            raise ValueError("federation.dropout + federation.stragglers must stay below 1: someone must report")
         if fed.min_clients > fed.clients_per_round:
             raise ValueError(
                 f"federation.min_clients={fed.min_clients} exceeds federation.clients_per_round="

@@ -195,6 +195,7 @@ def run_experiment(
             delta=config.privacy.delta,
             epsilon_budget=privacy.budget,
             dropout=fed.dropout,
+            stragglers=fed.stragglers,
             min_clients=fed.min_clients,
         ),
         evaluate=evaluate,

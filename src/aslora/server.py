@@ -57,6 +57,7 @@ class ServerSettings:
     delta: float
     epsilon_budget: float | None
     dropout: float = 0.0
+    stragglers: float = 0.0
     min_clients: int = 1
 
 
@@ -173,10 +174,7 @@ class Federation:
     # privacy -----------------------------------------------------------------
     def epsilon(self, client: int, extra_round: bool = False) -> float:
         """The client's spent epsilon, or what it would be after one more round."""
-        history = list(self.histories[client])
-        if extra_round:
-            q = min(1.0, self.settings.batch_size / self.sizes[client])
-            history.append((self.settings.noise_multiplier, q, self.settings.local_steps))
+        history = list(self.histories[client]) + (self._round_cost(client) if extra_round else [])
         return spent_epsilon(restore_accountant(self.settings.accountant, history), self.settings.delta)
 
     def eligible_clients(self) -> list[int]:
@@ -192,13 +190,19 @@ class Federation:
         m = min(self.settings.clients_per_round, len(eligible))
         return sorted(int(c) for c in rng.choice(eligible, size=m, replace=False))
 
-    def failing(self, round_index: int, clients: Sequence[int]) -> set[int]:
-        """The sampled clients that drop out this round (seeded), a `dropout` share of them."""
-        count = round(self.settings.dropout * len(clients))
-        if count == 0:
-            return set()
-        rng = np.random.default_rng([self.settings.seed, round_index, 1])
-        return {int(c) for c in rng.choice(clients, size=count, replace=False)}
+    def faults(self, round_index: int, clients: Sequence[int]) -> tuple[set[int], set[int]]:
+        """Simulated faults this round (seeded): clients that drop out before training, and
+        stragglers whose updates arrive after the round's deadline; `dropout` and
+        `stragglers` shares of the sampled clients, disjoint."""
+        shuffled = [int(c) for c in np.random.default_rng([self.settings.seed, round_index, 1]).permutation(clients)]
+        dropped = round(self.settings.dropout * len(clients))
+        late = round(self.settings.stragglers * len(clients))
+        return set(shuffled[:dropped]), set(shuffled[dropped : dropped + late])
+
+    def _round_cost(self, client: int) -> list[tuple[float, float, int]]:
+        """What one round of DP-SGD costs a client, as the server planned it."""
+        q = min(1.0, self.settings.batch_size / self.sizes[client])
+        return [(self.settings.noise_multiplier, q, self.settings.local_steps)]
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
@@ -212,7 +216,7 @@ class Federation:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
             return None
         clients = self.sample(round_index, eligible)
-        failing = self.failing(round_index, clients)
+        failing, late = self.faults(round_index, clients)
         mask = self.method.plan(round_index, self.state)
         bytes_down = [payload_bytes(self._download(c)) for c in clients]
         for c in clients:
@@ -233,18 +237,21 @@ class Federation:
         results = self.engine.train(starts, jobs, done)
         accepted, rejected = [], []
         for job, result in zip(jobs, results, strict=True):
-            reason = (
-                f"raised {type(result).__name__}: {result}"
-                if isinstance(result, Exception)
-                else validate_update(result, self.state, mask, self.train_head, self.method.statistics)
-            )
+            if isinstance(result, Exception):
+                reason = f"raised {type(result).__name__}: {result}"
+            elif job.client_id in late:
+                reason = "its update arrived after the round's deadline (simulated straggler)"
+            else:
+                reason = validate_update(result, self.state, mask, self.train_head, self.method.statistics)
             if reason is None:
                 accepted.append(result)
+                self.histories[job.client_id].extend(result.privacy_history)
             else:
                 rejected.append(job.client_id)
                 log.warning("round %d: rejected client %d: %s", round_index, job.client_id, reason)
-        for update in accepted:
-            self.histories[update.client_id].extend(update.privacy_history)
+                if not isinstance(result, Exception) and self.settings.dp_enabled:
+                    # It trained on its data all the same: charge the round as planned.
+                    self.histories[job.client_id].extend(self._round_cost(job.client_id))
         if len(accepted) < self.settings.min_clients:
             log.warning(
                 "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
