@@ -85,3 +85,53 @@ def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
     while _processes_mentioning(f"127.0.0.1:{port}") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_mentioning(f"127.0.0.1:{port}") == []
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Processes whose environment holds `marker` (what this test started, and their children)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes() and int(proc.name) != os.getpid():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
+    """`flwr run .` (the [tool.flwr.app] of pyproject.toml) runs an experiment; we stop its SuperLink."""
+    config = tmp_path / "synthetic.toml"
+    text = (REPO / "configs" / "synthetic.toml").read_text().replace("rounds = 40", "rounds = 2")
+    config.write_text(text.replace('seed = 0\n', f'seed = 0\noutput_dir = "{tmp_path / "runs"}"\n', 1))
+    home = tmp_path / "flwr-home"
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    try:
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--run-config", f'config="{config}"'],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        deadline = time.monotonic() + 300  # the run goes on in the detached SuperLink
+        while not list((tmp_path / "runs").glob("*/summary.json")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (summary,) = (tmp_path / "runs").glob("*/summary.json")
+        assert json.loads(summary.read_text())["rounds_completed"] == 2
+    finally:
+        for pid in _processes_with_env(str(home)):  # the detached local SuperLink outlives the run
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 20
+    while _processes_with_env(str(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with_env(str(home)) == []
