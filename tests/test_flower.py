@@ -53,26 +53,45 @@ def test_flower_simulation_matches_the_local_engine(
         torch.testing.assert_close(flower[name], local[name], rtol=1e-4, atol=1e-6)
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def _processes(where: str, text: str) -> list[int]:
+    """Other processes whose /proc/<pid>/<where> (cmdline or environ) contains `text`."""
     found = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if text.encode() in (proc / where).read_bytes().replace(b"\0", b" "):
                     found.append(int(proc.name))
             except OSError:
                 continue
     return found
 
 
+def _none_left(where: str, text: str, seconds: float = 20) -> bool:
+    """Whether every such process is gone within `seconds` (stopping takes a moment)."""
+    deadline = time.monotonic() + seconds
+    while _processes(where, text) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not _processes(where, text)
+
+
+def _small_synthetic(tmp_path: Path, clients: int) -> Path:
+    """configs/synthetic.toml cut to `clients` clients, all sampled, 2 rounds, output under tmp_path."""
+    text = (REPO / "configs" / "synthetic.toml").read_text()
+    for old, new in (
+        ("num_clients = 10", f"num_clients = {clients}"),
+        ("clients_per_round = 5", f"clients_per_round = {clients}"),
+        ("rounds = 40", "rounds = 2"),
+    ):
+        text = text.replace(old, new)
+    config = tmp_path / "synthetic.toml"
+    config.write_text(text.replace("seed = 0\n", f'seed = 0\noutput_dir = "{tmp_path / "runs"}"\n', 1))
+    return config
+
+
 @pytest.mark.slow
 def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
     """A real SuperLink and three SuperNodes on 127.0.0.1, `flwr run`, then every process stopped."""
-    config = tmp_path / "synthetic.toml"
-    text = (REPO / "configs" / "synthetic.toml").read_text()
-    for old, new in (("num_clients = 10", "num_clients = 3"), ("clients_per_round = 5", "clients_per_round = 3"), ("rounds = 40", "rounds = 2")):
-        text = text.replace(old, new)
-    config.write_text(text.replace('seed = 0\n', f'seed = 0\noutput_dir = "{tmp_path / "runs"}"\n', 1))
+    config = _small_synthetic(tmp_path, clients=3)
     port = 20000 + os.getpid() % 5000
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "flower_local_deploy.py"), str(config), "--port", str(port), "--timeout", "600"],
@@ -81,31 +100,13 @@ def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (summary,) = (tmp_path / "runs").glob("*/summary.json")
     assert json.loads(summary.read_text())["rounds_completed"] == 2
-    deadline = time.monotonic() + 20
-    while _processes_mentioning(f"127.0.0.1:{port}") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_mentioning(f"127.0.0.1:{port}") == []
-
-
-def _processes_with_env(marker: str) -> list[int]:
-    """Processes whose environment holds `marker` (what this test started, and their children)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes() and int(proc.name) != os.getpid():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    assert _none_left("cmdline", f"127.0.0.1:{port}")
 
 
 @pytest.mark.slow
 def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
     """`flwr run .` (the [tool.flwr.app] of pyproject.toml) runs an experiment; we stop its SuperLink."""
-    config = tmp_path / "synthetic.toml"
-    text = (REPO / "configs" / "synthetic.toml").read_text().replace("rounds = 40", "rounds = 2")
-    config.write_text(text.replace('seed = 0\n', f'seed = 0\noutput_dir = "{tmp_path / "runs"}"\n', 1))
+    config = _small_synthetic(tmp_path, clients=3)
     home = tmp_path / "flwr-home"
     env = os.environ | {
         "FLWR_HOME": str(home),
@@ -126,12 +127,9 @@ def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
         (summary,) = (tmp_path / "runs").glob("*/summary.json")
         assert json.loads(summary.read_text())["rounds_completed"] == 2
     finally:
-        for pid in _processes_with_env(str(home)):  # the detached local SuperLink outlives the run
+        for pid in _processes("environ", str(home)):  # the detached local SuperLink outlives the run
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 20
-    while _processes_with_env(str(home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_with_env(str(home)) == []
+    assert _none_left("environ", str(home))
