@@ -45,6 +45,17 @@ def _weights(updates: list[ClientUpdate]) -> list[float]:
     return [u.n_examples / total for u in updates]
 
 
+def _one_round(
+    method: str, seed: int, trained_as: str | None = None, context: MethodContext | None = None
+) -> tuple[GlobalState, list[ClientUpdate], list[float], GlobalState]:
+    """Random state, four clients' updates (trained as `trained_as` plans), and `method`'s aggregate."""
+    gen = torch.Generator().manual_seed(seed)
+    state = _state(gen)
+    updates = _updates(state, trained_as or method, gen)
+    weights = _weights(updates)
+    return state, updates, weights, get_method(method, context).aggregate(state, updates, weights)
+
+
 def _numpy_ideal_and_error(state, updates, weights, after, layer):
     """Section 5 in NumPy: the weighted mean of the clients' products vs the product of the result."""
     s = state.scaling[layer]
@@ -59,11 +70,7 @@ def _numpy_ideal_and_error(state, updates, weights, after, layer):
 
 
 def test_ffa_aggregation_is_exact() -> None:
-    gen = torch.Generator().manual_seed(0)
-    state = _state(gen)
-    updates = _updates(state, "ffa", gen)
-    weights = _weights(updates)
-    new = get_method("ffa").aggregate(state, updates, weights)
+    state, updates, weights, new = _one_round("ffa", 0)
     for layer in LAYERS:
         a = state.factors[layer]["A"].double()
         assert torch.equal(new.factors[layer]["A"], state.factors[layer]["A"])  # A never moves
@@ -76,11 +83,7 @@ def test_ffa_aggregation_is_exact() -> None:
 
 
 def test_fedavg_aggregation_is_inexact_and_its_error_matches_numpy() -> None:
-    gen = torch.Generator().manual_seed(1)
-    state = _state(gen)
-    updates = _updates(state, "fedavg", gen)
-    weights = _weights(updates)
-    new = get_method("fedavg").aggregate(state, updates, weights)
+    state, updates, weights, new = _one_round("fedavg", 1)
     errors = aggregation_error(state, updates, weights, new)
     for layer in LAYERS:
         expected = _numpy_ideal_and_error(state, updates, weights, new.factors, layer)
@@ -114,11 +117,7 @@ def _ideal(state: GlobalState, updates: list[ClientUpdate], weights: list[float]
 
 
 def test_fedex_folds_the_exact_residual_into_the_frozen_weights() -> None:
-    gen = torch.Generator().manual_seed(3)
-    state = _state(gen)
-    updates = _updates(state, "fedex", gen)
-    weights = _weights(updates)
-    new = get_method("fedex").aggregate(state, updates, weights)
+    state, updates, weights, new = _one_round("fedex", 3)
     for layer in LAYERS:
         a_bar = sum(w * _numpy_factors(u, state, layer)[0] for u, w in zip(updates, weights, strict=True))
         b_bar = sum(w * _numpy_factors(u, state, layer)[1] for u, w in zip(updates, weights, strict=True))
@@ -127,16 +126,12 @@ def test_fedex_folds_the_exact_residual_into_the_frozen_weights() -> None:
         np.testing.assert_allclose(new.residual[layer].numpy(), residual, rtol=1e-4, atol=1e-4)
     assert max(aggregation_error(state, updates, weights, new).values()) < 1e-6
     # A second round adds to the first residual.
-    again = get_method("fedex").aggregate(new, _updates(new, "fedex", gen), weights)
+    again = get_method("fedex").aggregate(new, _updates(new, "fedex", torch.Generator().manual_seed(9)), weights)
     assert not torch.equal(again.residual[next(iter(LAYERS))], new.residual[next(iter(LAYERS))])
 
 
 def test_flora_stacks_merges_and_restarts_the_adapters() -> None:
-    gen = torch.Generator().manual_seed(4)
-    state = _state(gen)
-    updates = _updates(state, "fedavg", gen)
-    weights = _weights(updates)
-    new = get_method("flora", _context()).aggregate(state, updates, weights)
+    state, updates, weights, new = _one_round("flora", 4, trained_as="fedavg", context=_context())
     for layer, (d, k) in LAYERS.items():
         np.testing.assert_allclose(new.residual[layer].numpy(), _ideal(state, updates, weights, layer), rtol=1e-4, atol=1e-4)
         assert torch.equal(new.factors[layer]["B"], torch.zeros(d, RANK))
@@ -166,11 +161,7 @@ def test_fedsvd_refactorises_the_aggregate_exactly() -> None:
 
 
 def test_flexlora_truncates_the_aggregate_to_the_best_rank_r() -> None:
-    gen = torch.Generator().manual_seed(6)
-    state = _state(gen)
-    updates = _updates(state, "fedavg", gen)
-    weights = _weights(updates)
-    new = get_method("flexlora").aggregate(state, updates, weights)
+    state, updates, weights, new = _one_round("flexlora", 6, trained_as="fedavg")
     errors = aggregation_error(state, updates, weights, new)
     for layer in LAYERS:
         singular = np.linalg.svd(_ideal(state, updates, weights, layer), compute_uv=False)
