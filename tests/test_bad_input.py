@@ -82,3 +82,14 @@ def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None
 def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "not a run directory" in " ".join(result.output.split())
+
+
+def test_empty_texts_are_named_before_training(tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "data" / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    lines = (data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[:200]
+    (folder / "train.tsv").write_text("\n".join([*lines, "\t1", *lines[1:5]]) + "\n")
+    (folder / "dev.tsv").write_text("\n".join((data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[:20]) + "\n")
+    code, output = _run(tmp_path, "--data-dir", str(tmp_path / "data"))
+    assert code == 2 and "train: 1 example(s) have an empty text (first at data row 200)" in output
+    assert not (tmp_path / "runs").exists()

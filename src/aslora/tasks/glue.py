@@ -49,6 +49,20 @@ def _load_hub(hub_config: str, root_hint: str) -> datasets.DatasetDict:
     return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"])
 
 
+def _check_texts(split: datasets.Dataset, column: str, where: str) -> None:
+    """Every example needs a text and a label: say which rows lack one, before any training."""
+    if column not in split.column_names or "label" not in split.column_names:
+        raise ValueError(f"{where} needs the columns '{column}' and 'label'; it has {split.column_names}")
+    empty = [i for i, text in enumerate(split[column]) if text is None or not str(text).strip()]
+    unlabelled = [i for i, label in enumerate(split["label"]) if label is None]
+    for rows, what in ((empty, "an empty text"), (unlabelled, "no label")):
+        if rows:
+            raise ValueError(
+                f"{where}: {len(rows)} example(s) have {what} (first at data row {rows[0] + 1}); "
+                "remove or fix them in the data files"
+            )
+
+
 @dataclass
 class GlueTask:
     """One GLUE classification task with its tokenizer and splits."""
@@ -72,6 +86,8 @@ class GlueTask:
         else:
             splits = _load_hub(hub_config, f"DIR/glue/{folder}/")
         train, dev = splits["train"], splits["validation"]
+        for split_name, split in (("train", train), ("dev", dev)):
+            _check_texts(split, text_column, f"GLUE/{folder} {split_name}")
         if config.data.train_subset:
             train = train.shuffle(seed=config.seed).select(range(min(config.data.train_subset, len(train))))
         if config.data.eval_subset:
