@@ -169,6 +169,13 @@ def client_factors(state: GlobalState, update: ClientUpdate) -> Factors:
     }
 
 
+def mean_product(full: Sequence[Factors], weights: Sequence[float], layer: str) -> torch.Tensor:
+    """sum_i p_i B_i A_i of one layer, in float64, from the clients' full factors."""
+    return sum(
+        float(w) * (f[layer]["B"].double() @ f[layer]["A"].double()) for f, w in zip(full, weights, strict=True)
+    )
+
+
 def aggregation_error(
     before: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float], after: GlobalState
 ) -> dict[str, float]:
@@ -180,10 +187,7 @@ def aggregation_error(
     errors = {}
     full = [client_factors(before, u) for u in updates]
     for layer, s in before.scaling.items():
-        ideal = sum(
-            float(w) * s * (f[layer]["B"].double() @ f[layer]["A"].double())
-            for f, w in zip(full, weights, strict=True)
-        )
+        ideal = s * mean_product(full, weights, layer)
         new = after.factors[layer]
         achieved = s * (new["B"].double() @ new["A"].double())
         if layer in after.residual:

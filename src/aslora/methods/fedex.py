@@ -10,7 +10,14 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask, client_factors
+from aslora.methods.base import (
+    AveragingMethod,
+    ClientUpdate,
+    GlobalState,
+    Mask,
+    client_factors,
+    mean_product,
+)
 
 
 class FedEx(AveragingMethod):
@@ -26,7 +33,7 @@ class FedEx(AveragingMethod):
         full = [client_factors(state, u) for u in updates]
         residual = dict(state.residual)
         for layer, s in state.scaling.items():
-            ideal = sum(w * f[layer]["B"].double() @ f[layer]["A"].double() for f, w in zip(full, weights, strict=True))
+            ideal = mean_product(full, weights, layer)
             new = averaged.factors[layer]
             gap = s * (ideal - new["B"].double() @ new["A"].double())
             previous = residual.get(layer, torch.zeros_like(gap))

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, client_factors
+from aslora.methods.base import (
+    ClientUpdate,
+    GlobalState,
+    Mask,
+    Method,
+    client_factors,
+    mean_product,
+)
 
 
 class FlexLoRA(Method):
@@ -28,7 +35,7 @@ class FlexLoRA(Method):
         factors = {}
         for layer in state.factors:
             a = state.factors[layer]["A"]
-            product = sum(w * f[layer]["B"].double() @ f[layer]["A"].double() for f, w in zip(full, weights, strict=True))
+            product = mean_product(full, weights, layer)
             u, sv, vh = torch.linalg.svd(product, full_matrices=False)
             r = a.shape[0]
             factors[layer] = {"A": vh[:r].to(a.dtype), "B": (u[:, :r] * sv[:r]).to(a.dtype)}
