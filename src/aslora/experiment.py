@@ -167,13 +167,13 @@ def run_experiment(
         metrics = evaluate_state(s, eval_data)
         personal = method.personal_states(s)
         if personal and held_out:
-            sizes, values = [], []
+            split_sizes, values = [], []
             for client, own in sorted(personal.items()):
                 data = held_out_data.setdefault(client, task.encode(held_out[client]))
-                sizes.append(len(data))
+                split_sizes.append(len(data))
                 values.append(evaluate_state(own, data))
             for name in values[0]:
-                metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=sizes))
+                metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=split_sizes))
         return metrics
 
     fed = config.federation
