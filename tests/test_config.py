@@ -85,3 +85,22 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[federation\nrounds = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("method", ["fedsvd", "flora", "fedex", "flexlora", "fedsa"])
+def test_secure_aggregation_refuses_methods_that_need_each_update(method: str) -> None:
+    raw = {"method": method, "federation": {"secure_aggregation": True}, "data": {"holdout_fraction": 0.1}}
+    with pytest.raises(ConfigError, match=f"secure_aggregation.*'{method}'.*not a weighted sum.*aslora"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "ffa", "rolora", "aslora"])
+def test_secure_aggregation_accepts_linear_methods(method: str) -> None:
+    assert parse_config({"method": method, "federation": {"secure_aggregation": True}}).federation.secure_aggregation
+
+
+def test_secure_aggregation_refuses_stragglers_and_single_clients() -> None:
+    with pytest.raises(ConfigError, match="stragglers.*secure sum"):
+        parse_config({"method": "aslora", "federation": {"secure_aggregation": True, "stragglers": 0.2}})
+    with pytest.raises(ConfigError, match="clients_per_round >= 2"):
+        parse_config({"method": "aslora", "federation": {"secure_aggregation": True, "clients_per_round": 1}})

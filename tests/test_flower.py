@@ -27,19 +27,23 @@ def _adapter(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg+"])
 def test_flower_simulation_matches_the_local_engine(
-    tiny_config: ExperimentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    secure: bool, tiny_config: ExperimentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`aslora run --engine flower` (a ServerApp and one ClientApp per client on Flower's
-    simulation engine) ends with the local engine's adapter, for AS-LoRA under DP."""
+    simulation engine) ends with the local engine's adapter, for AS-LoRA under DP; under
+    SecAgg+ too, where the server only ever sees the sum."""
     # One of the three clients of every round fails (simulated): Flower reports the
-    # error, and the round goes on with the other two.
+    # error, and the round goes on with the other two (under SecAgg+, the protocol
+    # recovers the failed client's masks from the others' shares).
     config = tiny_config.with_overrides(
         {"method": "aslora", "privacy.noise_multiplier": 2.0, "federation.clients_per_round": 3, "federation.dropout": 0.3}
     )
     run_experiment(config.with_overrides({"output_dir": str(tmp_path / "local")}))
     config_file = tmp_path / "tiny.toml"
-    config_file.write_text(as_toml(config.with_overrides({"output_dir": str(tmp_path / "flower")})))
+    flower = {"output_dir": str(tmp_path / "flower"), "federation.secure_aggregation": secure}
+    config_file.write_text(as_toml(config.with_overrides(flower)))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     result = CliRunner().invoke(app, ["run", str(config_file), "--engine", "flower"])
     assert result.exit_code == 0, result.output
@@ -49,8 +53,13 @@ def test_flower_simulation_matches_the_local_engine(
     local, flower = _adapter(tmp_path / "local"), _adapter(tmp_path / "flower")
     assert local.keys() == flower.keys()
     for name in local:
-        # Ray gives each client process one thread: float sums may differ in the last bits.
+        # Ray gives each client process one thread: float sums may differ in the last bits;
+        # SecAgg+ sums on a fixed-point grid of 2 * 16 / 2^30 (about 3e-8).
         torch.testing.assert_close(flower[name], local[name], rtol=1e-4, atol=1e-6)
+    local_rows = metric_rows(next((tmp_path / "local").glob("*/summary.json")).parent)
+    assert [r["mask"] for r in rows] == [r["mask"] for r in local_rows]
+    if secure:  # the server cannot measure what it never sees
+        assert all(r["agg_error"] is None for r in rows)
 
 
 def _processes(where: str, text: str) -> list[int]:

@@ -13,6 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
+# Methods whose server step is a weighted sum of what clients upload, so it can run
+# on a secure sum; the others need each client's update (SVD, stacking, residuals,
+# personal factors kept by the server).
+SECURE_METHODS = ("fedavg", "ffa", "rolora", "aslora")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,12 @@ class FederationConfig(_Section):
         0.0, ge=0, lt=1, description="share of sampled clients whose updates arrive too late (simulated)"
     )
     min_clients: int = Field(1, ge=1, description="a round with fewer valid updates is skipped, not averaged")
+    secure_aggregation: bool = Field(
+        False, description="sum the updates under Flower's SecAgg+ (engine 'flower'; linear methods only)"
+    )
+    secure_range: float = Field(
+        16.0, gt=0, description="SecAgg+ fixed-point range: every value a client sends must lie in [-range, range]"
+    )
 
 
 class OptimConfig(_Section):
@@ -185,6 +195,8 @@ class ExperimentConfig(_Section):
                 f"federation.min_clients={fed.min_clients} exceeds federation.clients_per_round="
                 f"{fed.clients_per_round}: no round could ever be aggregated"
             )
+        if fed.secure_aggregation:
+            _check_secure(self)
         if fed.clients_per_round > data.num_clients:
             raise ValueError(
                 f"federation.clients_per_round={fed.clients_per_round} exceeds "
@@ -204,6 +216,24 @@ class ExperimentConfig(_Section):
                 node = node[part]
             node[leaf] = value
         return parse_config(raw)
+
+
+def _check_secure(config: ExperimentConfig) -> None:
+    """What SecAgg+ cannot do: non-linear aggregation, singling out late updates, one client."""
+    fed = config.federation
+    if config.method not in SECURE_METHODS:
+        raise ValueError(
+            f"federation.secure_aggregation: the server only sees the sum of the updates, but method "
+            f"'{config.method}' needs each client's own (its aggregation is not a weighted sum); use "
+            f"{', '.join(SECURE_METHODS)}, or set secure_aggregation = false"
+        )
+    if fed.stragglers > 0:
+        raise ValueError(
+            "federation.stragglers: a late update cannot be taken out of a secure sum once it is in; "
+            "set stragglers = 0 with secure_aggregation (federation.dropout still works)"
+        )
+    if fed.clients_per_round < 2:
+        raise ValueError("federation.secure_aggregation needs clients_per_round >= 2: a sum of one is that client")
 
 
 def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:

@@ -20,7 +20,7 @@ from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
-from aslora.methods import GlobalState, MethodContext, get_method
+from aslora.methods import GlobalState, Method, MethodContext, get_method
 from aslora.partition import hold_out, partition
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
 from aslora.results import RunDirectory
@@ -112,6 +112,9 @@ class Setup:
     def local_engine(self) -> LocalEngine:
         return LocalEngine(self.view, self.shards, self.task.encode, self.local, self.task.loss)
 
+    def method(self) -> Method:
+        return get_method(self.config.method, method_context(self.config, self.privacy))
+
 
 def prepare(config: ExperimentConfig) -> Setup:
     """Data, client shards, privacy plan, model and client settings, all from the seed."""
@@ -146,7 +149,7 @@ def run_experiment(
     setup = prepare(config)
     task, held_out, privacy, view, sizes = setup.task, setup.held_out, setup.privacy, setup.view, setup.sizes
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
-    method = get_method(config.method, method_context(config, privacy))
+    method = setup.method()
     state = GlobalState(
         factors=view.get_factors(),
         head=view.get_head(),
@@ -177,9 +180,15 @@ def run_experiment(
         return metrics
 
     fed = config.federation
+    runner = engine(setup)
+    if fed.secure_aggregation and not runner.secure_aggregation:
+        raise ConfigError(
+            "federation.secure_aggregation runs Flower's SecAgg+ between client processes: use "
+            "`aslora run --engine flower` or `flwr run .`, or set secure_aggregation = false"
+        )
     federation = Federation(
         method=method,
-        engine=engine(setup),
+        engine=runner,
         state=state,
         client_sizes=sizes,
         settings=ServerSettings(
@@ -197,6 +206,7 @@ def run_experiment(
             dropout=fed.dropout,
             stragglers=fed.stragglers,
             min_clients=fed.min_clients,
+            secure_aggregation=fed.secure_aggregation,
         ),
         evaluate=evaluate,
         train_head=config.lora.train_head,

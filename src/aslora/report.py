@@ -97,13 +97,14 @@ def comparison_table(summaries: Sequence[dict[str, Any]], metric: str, target: f
         if target is not None:
             hits = [n for n in (rounds_to_reach(r, metric, target) for r in runs) if n is not None]
             reach = [f"{np.mean(hits):.1f} ({len(hits)}/{len(runs)})" if hits else f"never (0/{len(runs)})"]
+        errors = [r["mean_agg_error"] for r in runs if r["mean_agg_error"] is not None]
         table.add_row(
             method,
             str(len(runs)),
             f"{np.nanmean(finals):.4f}{spread}",
             *reach,
             f"{max(eps):.3f}" if eps else "no DP",
-            f"{np.mean([r['mean_agg_error'] for r in runs]):.2g}",
+            f"{np.mean(errors):.2g}" if errors else "n/a",
             f"{np.mean([r['total_agg_time_s'] for r in runs]) / rounds * 1e3:.2f}",
             _size(np.mean([r["mean_bytes_up_per_client"] for r in runs])),
             _size(np.mean([r["mean_bytes_down_per_client"] for r in runs])),

@@ -94,7 +94,7 @@ class RunDirectory:
             "epsilon": records[-1].epsilon if records else 0.0,
             "delta": config.privacy.delta,
             "noise_multiplier": noise_multiplier,
-            "mean_agg_error": _mean([r.agg_error for r in records]),
+            "mean_agg_error": _mean([r.agg_error for r in records if r.agg_error is not None], None),
             "total_agg_time_s": sum(r.agg_time_s for r in records),
             "mean_bytes_up_per_client": _mean([r.bytes_up_per_client for r in records]),
             "mean_bytes_down_per_client": _mean([r.bytes_down_per_client for r in records]),
@@ -112,5 +112,5 @@ class RunDirectory:
         return paths
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def _mean(values: list[float], empty: float | None = 0.0) -> float | None:
+    return sum(values) / len(values) if values else empty

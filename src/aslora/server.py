@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 class Engine(Protocol):
     """Carries a round's jobs to clients and their updates back."""
 
+    # True: every update it returns carries the secure weighted mean of the round's
+    # updates (Method.weight), not the client's own tensors.
+    secure_aggregation: bool
+
     def train(
         self, starts: Sequence[GlobalState], jobs: Sequence[ClientJob], done: Callable[[int], None]
     ) -> list[ClientUpdate | Exception]:
@@ -59,6 +63,11 @@ class ServerSettings:
     dropout: float = 0.0
     stragglers: float = 0.0
     min_clients: int = 1
+    secure_aggregation: bool = False  # the engine returns only the secure sum of the updates
+
+
+class RejectedAfterTraining(Exception):
+    """A client trained (spending privacy) but its update cannot be used; it is charged the round."""
 
 
 @dataclass
@@ -73,7 +82,7 @@ class RoundRecord:
     examples_seen: int
     epsilon: float | None
     delta: float
-    agg_error: float
+    agg_error: float | None  # None where it cannot be measured: a skipped round, or a secure sum
     agg_error_per_layer: dict[str, float]
     agg_time_s: float
     bytes_up_per_client: float
@@ -105,6 +114,13 @@ def validate_update(
     update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
 ) -> str | None:
     """Why an update must not be averaged in, or None if it is sound."""
+    return layout_problem(update, state, mask, train_head, statistics) or value_problem(update)
+
+
+def layout_problem(
+    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
+) -> str | None:
+    """Whether the update holds what the round trained, named, shaped and typed as the model's."""
     expected = {layer: set(fs) for layer, fs in mask.items() if fs}
     got = {layer: set(fs) for layer, fs in update.factors.items()}
     if got != expected:
@@ -121,14 +137,19 @@ def validate_update(
         )
         if {layer: set(fs) for layer, fs in update.stats.items()} != expected:
             return "its score statistics do not cover the expected layers and factors"
-        values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            return "its score statistics are negative or non-finite"
-    tensors = list(update.tensors().items())
     reference = state.tensors()
-    for name, tensor in tensors:
+    for name, tensor in update.tensors().items():
         if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
             return f"{name} has shape {tuple(tensor.shape)}/{tensor.dtype}, expected {tuple(reference[name].shape)}"
+    return None
+
+
+def value_problem(update: ClientUpdate) -> str | None:
+    """Whether any tensor or score statistic is non-finite (or a statistic negative)."""
+    values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        return "its score statistics are negative or non-finite"
+    for name, tensor in update.tensors().items():
         if not torch.isfinite(tensor).all():
             return f"{name} holds non-finite values"
     return None
@@ -237,7 +258,9 @@ class Federation:
         results = self.engine.train(starts, jobs, done)
         accepted, rejected = [], []
         for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, Exception):
+            if isinstance(result, RejectedAfterTraining):
+                reason = str(result)
+            elif isinstance(result, Exception):
                 reason = f"raised {type(result).__name__}: {result}"
             elif job.client_id in late:
                 reason = "its update arrived after the round's deadline (simulated straggler)"
@@ -249,7 +272,8 @@ class Federation:
             else:
                 rejected.append(job.client_id)
                 log.warning("round %d: rejected client %d: %s", round_index, job.client_id, reason)
-                if not isinstance(result, Exception) and self.settings.dp_enabled:
+                trained = not isinstance(result, Exception) or isinstance(result, RejectedAfterTraining)
+                if trained and self.settings.dp_enabled:
                     # It trained on its data all the same: charge the round as planned.
                     self.histories[job.client_id].extend(self._round_cost(job.client_id))
         if len(accepted) < self.settings.min_clients:
@@ -257,7 +281,7 @@ class Federation:
                 "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
                 "model is unchanged", round_index, len(accepted), self.settings.min_clients,
             )
-            return self._record(round_index, clients, rejected, mask, [], 0.0, {}, bytes_down)
+            return self._record(round_index, clients, rejected, mask, [], 0.0, None, bytes_down)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         new_state = self.method.aggregate(self.state, accepted, weights)
@@ -265,7 +289,10 @@ class Federation:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             new_state = new_state.evolve(head=head)
         agg_time = time.perf_counter() - start
-        errors = aggregation_error(self.state, accepted, weights, new_state)
+        # Under secure aggregation every accepted update carries the same sum: the
+        # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
+        secure = self.settings.secure_aggregation
+        errors = None if secure else aggregation_error(self.state, accepted, weights, new_state)
         self._bump_versions(new_state)
         self.state = new_state
         return self._record(round_index, clients, rejected, mask, accepted, agg_time, errors, bytes_down)
@@ -284,7 +311,7 @@ class Federation:
         mask: Mask,
         accepted: list[ClientUpdate],
         agg_time: float,
-        errors: dict[str, float],
+        errors: dict[str, float] | None,
         bytes_down: list[int],
     ) -> RoundRecord:
         ups = [payload_bytes(upload(self.method, u)) for u in accepted]
@@ -301,8 +328,8 @@ class Federation:
             examples_seen=sum(u.examples_seen for u in accepted),
             epsilon=max(self.epsilon(c) for c in self.histories) if settings.dp_enabled else None,
             delta=settings.delta,
-            agg_error=float(np.mean(list(errors.values()))) if errors else 0.0,
-            agg_error_per_layer=errors,
+            agg_error=float(np.mean(list(errors.values()))) if errors else None,
+            agg_error_per_layer=errors or {},
             agg_time_s=agg_time,
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
             bytes_down_per_client=float(np.mean(bytes_down)) if bytes_down else 0.0,

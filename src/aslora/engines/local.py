@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 class LocalEngine:
     """Runs clients sequentially in this process; a failing client is reported, not fatal."""
 
+    secure_aggregation = False
+
     def __init__(
         self,
         view: LoraView,

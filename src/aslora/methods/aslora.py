@@ -89,10 +89,8 @@ class ASLoRA(AveragingMethod):
             )
         return new.evolve(memory=memory)
 
-    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        if self.official:  # the authors average factors and scores without weights
-            return [1.0 / len(updates)] * len(updates)
-        return super().weights(updates)
+    def weight(self, n_examples: int) -> int:
+        return 1 if self.official else n_examples  # the authors average without weights
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """The round's mean statistics, raw scores and EMA scores per layer, for metrics.jsonl."""

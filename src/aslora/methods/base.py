@@ -129,10 +129,17 @@ class Method(ABC):
         """Each client's own model, for personalised evaluation (none by default)."""
         return {}
 
+    def weight(self, n_examples: int) -> int:
+        """A client's unnormalised aggregation weight (by default its example count).
+
+        An integer, as secure aggregation (SecAgg+) carries it.
+        """
+        return n_examples
+
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        """Aggregation weights p_i: each client's share of the round's examples."""
-        total = sum(u.n_examples for u in updates)
-        return [u.n_examples / total for u in updates]
+        """Aggregation weights p_i: each client's share of the round's total weight."""
+        raw = [self.weight(u.n_examples) for u in updates]
+        return [w / sum(raw) for w in raw]
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """Method-specific figures to log with the round (AS-LoRA: its scores)."""
