@@ -13,6 +13,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
+TASKS = (
+    "sst2", "qnli", "qqp", "rte", "mnli",  # GLUE
+    "squad", "squad_v2",  # extractive QA
+    "cifar100", "tiny_imagenet",  # vision (ViT)
+    "sst2_generation",  # SST-2 as generation with a decoder LM
+    "synthetic",  # low-rank recovery
+)
 # Methods whose server step is a weighted sum of what clients upload, so it can run
 # on a secure sum; the others need each client's update (SVD, stacking, residuals,
 # personal factors kept by the server).
@@ -57,7 +64,7 @@ class LoraSettings(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["sst2", "synthetic"] = "sst2"
+    task: Literal[TASKS] = "sst2"  # type: ignore[valid-type]
     dir: str | None = Field(None, description="local data root; else ASLORA_DATA_DIR, else the hub")
     num_clients: int = Field(10, ge=1)
     partition: Literal["iid", "dirichlet"] = "dirichlet"
@@ -67,6 +74,7 @@ class DataConfig(_Section):
     holdout_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of each client's shard held out for personalised evaluation"
     )
+    doc_stride: int = Field(32, ge=1, description="QA: tokens shared by consecutive windows of a long context")
 
 
 class FederationConfig(_Section):

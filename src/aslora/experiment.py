@@ -155,7 +155,8 @@ def run_experiment(
         head=view.get_head(),
         scaling={layer: view.scaling(layer) for layer in view.layers},
     )
-    eval_data = task.encode(task.eval)
+    eval_sets = {"": task.encode(task.eval)}
+    eval_sets.update({f"{name}_": task.encode(split) for name, split in task.extra_evals.items()})
 
     def evaluate_state(s: GlobalState, data: TensorDataset) -> dict[str, float]:
         view.set_factors(s.factors)
@@ -167,7 +168,11 @@ def run_experiment(
 
     def evaluate(s: GlobalState) -> dict[str, float]:
         """The global model on the dev split; personalised models (FedSA) on their held-out splits."""
-        metrics = evaluate_state(s, eval_data)
+        metrics = {
+            prefix + name: value
+            for prefix, data in eval_sets.items()
+            for name, value in evaluate_state(s, data).items()
+        }
         personal = method.personal_states(s)
         if personal and held_out:
             split_sizes, values = [], []

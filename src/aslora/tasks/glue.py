@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -76,6 +76,7 @@ class GlueTask:
     model_path: str
     max_length: int
     metric: str = "accuracy"
+    extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: ExperimentConfig) -> GlueTask:

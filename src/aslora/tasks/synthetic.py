@@ -12,7 +12,7 @@ clients non-IID input covariances. The metric is the relative error
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -47,6 +47,7 @@ class SyntheticTask:
     inside: dict[str, bool]  # whether dW* lies in the row space of the initial A
     shape: tuple[int, int, int]  # (L, k, d)
     metric: str = "rel_error"
+    extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: ExperimentConfig) -> SyntheticTask:
