@@ -20,7 +20,7 @@ from aslora.adapters import LoraView
 from aslora.cli import app
 from aslora.client import ClientJob, LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
-from aslora.experiment import run_experiment
+from aslora.experiment import run_experiment, warn_if_long
 from aslora.methods import GlobalState
 from aslora.pretrained import resolve_model
 from aslora.privacy import RDP_ORDERS, DPSettings
@@ -230,3 +230,16 @@ def test_stragglers_are_rejected_but_still_charged_for_privacy(tiny_config: Expe
     assert rows[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
     with pytest.raises(ConfigError, match="must stay below 1"):
         tiny_config.with_overrides({"federation.dropout": 0.5, "federation.stragglers": 0.5})
+
+
+def test_a_run_projected_past_an_hour_is_warned_about(
+    tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warning comes from the measured first round: with the threshold at 1 ms every run passes it."""
+    import aslora.experiment
+
+    assert warn_if_long(2.0, 10) == 20.0
+    monkeypatch.setattr(aslora.experiment, "LONG_RUN_S", 1e-3)
+    with caplog.at_level("WARNING", logger="aslora.experiment"):
+        run_experiment(tiny_config.with_overrides({"federation.rounds": 1}))
+    assert any("the first round took" in r.message and "1 rounds will take" in r.message for r in caplog.records)

@@ -86,6 +86,24 @@ def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodCont
     )
 
 
+LONG_RUN_S = 3600.0  # runs projected past this get a warning after their first round
+
+
+def warn_if_long(first_round_s: float, rounds: int) -> float:
+    """The run's projected wall time from its first round; a warning when it passes LONG_RUN_S.
+
+    Measured rather than modelled: it holds for any task, model and machine.
+    """
+    projected = first_round_s * rounds
+    if projected > LONG_RUN_S:
+        log.warning(
+            "the first round took %.0f s: %d rounds will take about %.1f h on this machine; "
+            "use fewer rounds, clients per round, local steps or a smaller model, or a faster machine",
+            first_round_s, rounds, projected / 3600,
+        )
+    return projected
+
+
 @dataclass
 class RunResult:
     directory: Path
@@ -245,7 +263,10 @@ def run_experiment(
     for r in range(first_round, fed.rounds):
         if progress is not None:
             progress.reset(clients_task)
+        round_started = time.perf_counter()
         record = federation.run_round(r, client_done)
+        if r == first_round:
+            warn_if_long(time.perf_counter() - round_started, fed.rounds - first_round)
         if record is None:
             stopped = "every client has spent its privacy budget"
             break

@@ -1,8 +1,18 @@
-"""GLUE sentence classification (SST-2): HF datasets, a sequence-classification head, accuracy."""
+"""GLUE classification (SST-2, QNLI, QQP, RTE, MNLI): HF datasets, a sequence-classification head, accuracy.
+
+Local data use the official GLUE TSV layout, `glue/<TASK>/train.tsv` with
+`dev.tsv` (MNLI: `dev_matched.tsv` and `dev_mismatched.tsv`), else the
+hub's `nyu-mll/glue`. Where a local folder lacks the official training file,
+the labelled subsets drawn from it (`glue/train_subsets/<TASK>/{train,dev}.json`)
+stand in, and their `dev.json` replaces a missing official dev set: said in
+the log, since those are then not GLUE's dev numbers.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,27 +27,79 @@ from aslora.pretrained import load_pretrained, resolve_model
 from aslora.tasks.common import DataNotFoundError, data_root
 
 log = logging.getLogger(__name__)
-
-# task -> (hub config of nyu-mll/glue, local folder, text column, number of labels)
-GLUE = {"sst2": ("sst2", "SST-2", "sentence", 2)}
 HUB_DATASET = "nyu-mll/glue"
 
 
-def _load_local(folder: Path) -> datasets.DatasetDict:
-    files = {"train": folder / "train.tsv", "validation": folder / "dev.tsv"}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
+@dataclass(frozen=True)
+class GlueSpec:
+    """Where one GLUE task lives and how its columns are named."""
+
+    folder: str  # local folder under glue/, as in the GLUE distribution
+    texts: tuple[str, ...]  # text columns, as named on the hub
+    tsv_texts: tuple[str, ...]  # the same columns in the GLUE TSV files
+    tsv_label: str
+    labels: tuple[str, ...]  # label names in the hub's id order
+    # evaluation splits: "" is the main one, others are reported with their name as prefix
+    evals: dict[str, tuple[str, str]] = field(default_factory=lambda: {"": ("validation", "dev.tsv")})
+
+
+GLUE = {
+    "sst2": GlueSpec("SST-2", ("sentence",), ("sentence",), "label", ("0", "1")),
+    "qnli": GlueSpec("QNLI", ("question", "sentence"), ("question", "sentence"), "label", ("entailment", "not_entailment")),
+    "qqp": GlueSpec("QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1")),
+    "rte": GlueSpec("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("entailment", "not_entailment")),
+    "mnli": GlueSpec(
+        "MNLI",
+        ("premise", "hypothesis"),
+        ("sentence1", "sentence2"),
+        "gold_label",
+        ("entailment", "neutral", "contradiction"),
+        {"": ("validation_matched", "dev_matched.tsv"), "mm": ("validation_mismatched", "dev_mismatched.tsv")},
+    ),
+}
+
+
+def _read_tsv(path: Path) -> datasets.Dataset:
+    # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text.
+    return datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+
+
+def _read_subset(path: Path, spec: GlueSpec) -> datasets.Dataset:
+    """A train_subsets JSON file ({index: {text_a, text_b, label}}) with the TSV column names."""
+    rows = list(json.loads(path.read_text()).values())
+    names = dict(zip(("text_a", "text_b"), spec.tsv_texts, strict=False)) | {"label": spec.tsv_label}
+    return datasets.Dataset.from_list([{names[k]: v for k, v in row.items() if k in names} for row in rows])
+
+
+def _load_local(folder: Path, spec: GlueSpec) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """The training split and the evaluation splits from a local GLUE folder (see the module doc)."""
+    subset = folder.parent / "train_subsets" / spec.folder
+    train_file = folder / "train.tsv"
+    if train_file.is_file():
+        train = _read_tsv(train_file)
+    elif (subset / "train.json").is_file():
+        log.warning("GLUE/%s: no train.tsv; training on the subset in %s", spec.folder, subset)
+        train = _read_subset(subset / "train.json", spec)
+    else:
         raise DataNotFoundError(
-            f"missing {', '.join(missing)}; put the GLUE TSV files (train.tsv, dev.tsv) there, "
+            f"missing {train_file}; put the GLUE TSV files (train.tsv, dev.tsv) there, "
             "or point --data-dir / ASLORA_DATA_DIR at a folder holding glue/<TASK>/"
         )
-    # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text.
-    return datasets.load_dataset(
-        "csv", data_files={k: str(v) for k, v in files.items()}, delimiter="\t", quoting=3
-    )
+    evals = {}
+    for name, (_, file) in spec.evals.items():
+        if (folder / file).is_file():
+            evals[name] = _read_tsv(folder / file)
+        elif name == "" and (subset / "dev.json").is_file():
+            log.warning("GLUE/%s: no %s; evaluating on %s, drawn from the TRAIN set", spec.folder, file, subset / "dev.json")
+            evals[name] = _read_subset(subset / "dev.json", spec)
+        elif name == "":
+            raise DataNotFoundError(f"missing {folder / file}, GLUE/{spec.folder}'s dev set; put it there")
+        else:
+            log.warning("GLUE/%s: no %s; its '%s_' metrics are not reported", spec.folder, folder / file, name)
+    return train, evals
 
 
-def _load_hub(hub_config: str, root_hint: str) -> datasets.DatasetDict:
+def _load_hub(hub_config: str, spec: GlueSpec, root_hint: str) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
     try:
         loaded = datasets.load_dataset(HUB_DATASET, hub_config)
     except Exception as exc:  # noqa: BLE001 - the hub raises many types when offline
@@ -46,21 +108,50 @@ def _load_hub(hub_config: str, root_hint: str) -> datasets.DatasetDict:
             f"copy is configured. Put the files at {root_hint} and pass --data-dir DIR "
             "(or set ASLORA_DATA_DIR=DIR), where DIR holds glue/<TASK>/train.tsv and dev.tsv"
         ) from None
-    return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"])
+    return loaded["train"], {name: loaded[split] for name, (split, _) in spec.evals.items()}
 
 
-def _check_texts(split: datasets.Dataset, column: str, where: str) -> None:
-    """Every example needs a text and a label: say which rows lack one, before any training."""
-    if column not in split.column_names or "label" not in split.column_names:
-        raise ValueError(f"{where} needs the columns '{column}' and 'label'; it has {split.column_names}")
-    empty = [i for i, text in enumerate(split[column]) if text is None or not str(text).strip()]
-    unlabelled = [i for i, label in enumerate(split["label"]) if label is None]
-    for rows, what in ((empty, "an empty text"), (unlabelled, "no label")):
-        if rows:
+def _normalise(split: datasets.Dataset, spec: GlueSpec, where: str) -> datasets.Dataset:
+    """Hub column names, integer labels in the hub's order; unknown labels are named, not guessed."""
+    if set(spec.tsv_texts) <= set(split.column_names) and spec.tsv_label in split.column_names:
+        split = split.select_columns([*spec.tsv_texts, spec.tsv_label])
+        split = split.rename_columns(
+            {old: new for old, new in zip(spec.tsv_texts, spec.texts, strict=True) if old != new}
+            | ({spec.tsv_label: "label"} if spec.tsv_label != "label" else {})
+        )
+    _check_texts(split, spec.texts, where)
+    named = split.features["label"].dtype in ("string", "large_string")
+    values = [str(v) for v in split["label"]]
+    allowed = spec.labels if named else [str(i) for i in range(len(spec.labels))]
+    unknown = [i for i, v in enumerate(values) if v not in allowed]
+    if unknown:
+        raise ValueError(
+            f"{where}: {len(unknown)} example(s) have a label outside {list(allowed)} (first at data "
+            f"row {unknown[0] + 1}: {values[unknown[0]]!r}); remove or fix them in the data files"
+        )
+    if named:
+        split = split.remove_columns("label").add_column("label", [spec.labels.index(v) for v in values])
+    return split.select_columns([*spec.texts, "label"])
+
+
+def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], where: str) -> None:
+    """Every example needs its texts and a label: say which rows lack one, before any training."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    if not set(columns) <= set(split.column_names) or "label" not in split.column_names:
+        raise ValueError(f"{where} needs the columns {[*columns, 'label']}; it has {split.column_names}")
+    for column in columns:
+        empty = [i for i, text in enumerate(split[column]) if text is None or not str(text).strip()]
+        if empty:
             raise ValueError(
-                f"{where}: {len(rows)} example(s) have {what} (first at data row {rows[0] + 1}); "
-                "remove or fix them in the data files"
+                f"{where}: {len(empty)} example(s) have an empty text in '{column}' (first at data row "
+                f"{empty[0] + 1}); remove or fix them in the data files"
             )
+    unlabelled = [i for i, label in enumerate(split["label"]) if label is None]
+    if unlabelled:
+        raise ValueError(
+            f"{where}: {len(unlabelled)} example(s) have no label (first at data row {unlabelled[0] + 1}); "
+            "remove or fix them in the data files"
+        )
 
 
 @dataclass
@@ -68,7 +159,7 @@ class GlueTask:
     """One GLUE classification task with its tokenizer and splits."""
 
     name: str
-    text_column: str
+    texts: tuple[str, ...]  # one column, or a sentence pair
     num_labels: int
     train: datasets.Dataset
     eval: datasets.Dataset
@@ -80,36 +171,38 @@ class GlueTask:
 
     @classmethod
     def load(cls, config: ExperimentConfig) -> GlueTask:
-        hub_config, folder, text_column, num_labels = GLUE[config.data.task]
+        spec = GLUE[config.data.task]
         root = data_root(config)
         if root is not None:
-            splits = _load_local(root / "glue" / folder)
+            train, evals = _load_local(root / "glue" / spec.folder, spec)
         else:
-            splits = _load_hub(hub_config, f"DIR/glue/{folder}/")
-        train, dev = splits["train"], splits["validation"]
-        for split_name, split in (("train", train), ("dev", dev)):
-            _check_texts(split, text_column, f"GLUE/{folder} {split_name}")
+            train, evals = _load_hub(config.data.task, spec, f"DIR/glue/{spec.folder}/")
+        train = _normalise(train, spec, f"GLUE/{spec.folder} train")
+        evals = {name: _normalise(split, spec, f"GLUE/{spec.folder} {name or 'dev'}") for name, split in evals.items()}
         if config.data.train_subset:
             train = train.shuffle(seed=config.seed).select(range(min(config.data.train_subset, len(train))))
         if config.data.eval_subset:
-            dev = dev.shuffle(seed=config.seed).select(range(min(config.data.eval_subset, len(dev))))
-        model_path = resolve_model(config.model.name)
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.model.name)
+            evals = {
+                name: split.shuffle(seed=config.seed).select(range(min(config.data.eval_subset, len(split))))
+                for name, split in evals.items()
+            }
+        main = evals.pop("")
         return cls(
             name=config.data.task,
-            text_column=text_column,
-            num_labels=num_labels,
-            train=train.select_columns([text_column, "label"]),
-            eval=dev.select_columns([text_column, "label"]),
-            tokenizer=tokenizer,
-            model_path=model_path,
+            texts=spec.texts,
+            num_labels=len(spec.labels),
+            train=train,
+            eval=main,
+            tokenizer=load_pretrained(AutoTokenizer.from_pretrained, config.model.name),
+            model_path=resolve_model(config.model.name),
             max_length=config.model.max_length,
+            extra_evals=evals,
         )
 
     def encode(self, split: datasets.Dataset) -> TensorDataset:
-        """Token ids, attention mask and label as tensors (padded to max_length)."""
+        """Token ids, attention mask and label as tensors (a pair as one sequence, padded to max_length)."""
         enc = self.tokenizer(
-            list(split[self.text_column]),
+            *(list(split[column]) for column in self.texts),
             truncation=True,
             max_length=self.max_length,
             padding="max_length",
