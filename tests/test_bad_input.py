@@ -93,3 +93,68 @@ def test_empty_texts_are_named_before_training(tmp_path: Path, data_dir: Path) -
     code, output = _run(tmp_path, "--data-dir", str(tmp_path / "data"))
     assert code == 2 and "train: 1 example(s) have an empty text (first at data row 200)" in output
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_update_beyond_the_dp_norm_bound_is_rejected_and_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client whose factors moved farther than its DP-SGD round can move them (a bug, or an
+    attack) is rejected with the distance and the bound, and still charged: it trained."""
+    import torch
+
+    from aslora.checkpoint import load_checkpoint
+    from aslora.engines.local import LocalEngine
+    from aslora.experiment import run_experiment
+
+    class Inflating(LocalEngine):
+        def train(self, starts, jobs, done):  # type: ignore[no-untyped-def]
+            results = super().train(starts, jobs, done)
+            for factors in results[0].factors.values():
+                for name in factors:
+                    factors[name] = factors[name] + 50.0
+            return results
+
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path), "method": "ffa", "federation.rounds": 1}
+    )
+    with caplog.at_level("WARNING", logger="aslora.server"):
+        result = run_experiment(config, engine=lambda s: Inflating(s.view, s.shards, s.task.encode, s.local, s.task.loss))
+    (record,) = result.records
+    assert any("beyond the" in r.message and "DP-SGD round allows" in r.message for r in caplog.records)
+    assert record.rejected == record.clients[:1]
+    histories = dict(load_checkpoint(result.directory).server["histories"])
+    assert all(len(histories[c]) == 1 for c in record.clients)
+    assert torch.isfinite(torch.tensor(record.train_loss))
+
+
+def test_a_single_class_training_set_is_named_before_training(tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "data" / "glue" / "RTE"
+    folder.mkdir(parents=True)
+    lines = (data_dir / "glue" / "RTE" / "train.tsv").read_text().splitlines()
+    kept = [lines[0]] + [line for line in lines[1:] if line.endswith("\tentailment")][:100]
+    (folder / "train.tsv").write_text("\n".join(kept) + "\n")
+    (folder / "dev.tsv").write_text((data_dir / "glue" / "RTE" / "dev.tsv").read_text())
+    config = tmp_path / "rte.toml"
+    config.write_text((REPO / "configs" / "glue-rte-minilm.toml").read_text())
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)])
+    assert result.exit_code != 0
+    assert "GLUE/RTE train: every example has label 0" in result.output and "two classes" in result.output
+    assert not out.exists()
+
+
+def test_single_class_clients_are_ordinary_non_iid_data(tmp_path: Path, data_dir: Path) -> None:
+    """Dirichlet alpha 0.01 gives each of two clients one class only: a valid, extreme split that runs."""
+    from aslora.experiment import prepare, run_experiment
+
+    config = load_config(REPO / "configs" / "demo.toml").with_overrides(
+        {
+            "output_dir": str(tmp_path), "data.dir": str(data_dir), "data.num_clients": 2,
+            "federation.clients_per_round": 2, "data.train_subset": 400, "data.eval_subset": 64,
+            "data.dirichlet_alpha": 0.01, "optim.batch_size": 16, "model.max_length": 32,
+            "federation.rounds": 1, "federation.local_steps": 2, "method": "aslora",
+        }
+    )
+    assert sorted(tuple(set(s["label"])) for s in prepare(config).shards) == [(0,), (1,)]
+    result = run_experiment(config)
+    assert result.summary["rounds_completed"] == 1 and result.records[0].rejected == []

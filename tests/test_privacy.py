@@ -175,3 +175,30 @@ def test_dp_sgd_without_noise_or_clipping_is_plain_sgd(task_and_view) -> None:
             grads[enabled] = [p.grad.detach().clone() for p in params]
     for private, plain in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(private, plain, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_dp_round_stays_within_the_update_norm_bound(tmp_path: Path, optimizer: str) -> None:
+    """Real DP-SGD rounds on the synthetic task move the trained tensors less than the bound
+    derived from clip, noise, batch, learning rate and steps, and the bound is not vacuous."""
+    from aslora.client import ClientJob
+    from aslora.experiment import prepare
+    from aslora.methods import GlobalState
+    from aslora.privacy import update_norm_bound
+
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path), "optim.optimizer": optimizer, "optim.lr": 0.05, "federation.local_steps": 6}
+    )
+    setup = prepare(config)
+    local, view = setup.local, setup.view
+    start = GlobalState(factors=view.get_factors(), head=view.get_head(), scaling={})
+    for client, mask in ((0, {layer: ("A", "B") for layer in view.layers}), (1, {view.layers[0]: ("B",)})):
+        (update,) = setup.local_engine().train([start], [ClientJob(client, 0, 11 + client, mask)], lambda _: None)
+        before = start.tensors()
+        moved = sum(float((t - before[n]).square().sum()) for n, t in update.tensors().items()) ** 0.5
+        dims = sum(t.numel() for t in update.tensors().values())
+        bound = update_norm_bound(
+            local.steps, local.lr, optimizer, local.dp.clip, local.dp.noise_multiplier,
+            local.batch_size, update.n_examples, dims,
+        )
+        assert 0 < moved <= bound < 20 * moved

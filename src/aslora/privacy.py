@@ -199,6 +199,41 @@ def private_training(
             p.grad = None
 
 
+def update_norm_bound(
+    steps: int,
+    lr: float,
+    optimizer: str,
+    clip: float,
+    noise_multiplier: float,
+    batch_size: int,
+    n_examples: int,
+    dims: int,
+    failure: float = 1e-9,
+) -> float:
+    """How far `steps` DP-SGD steps can move `dims` parameters (L2), except with probability `failure`.
+
+    SGD: a step moves lr ||g||, g = (sum of at most |B| clipped gradients + N(0, (sigma C)^2 I)) / b,
+    with |B| ~ Binomial(n, b/n) bounded by Chernoff and the noise norm by sqrt(dims) + t
+    (Gaussian concentration), each failing with probability failure / (2 steps).
+    Adam: whatever the gradients, Cauchy-Schwarz bounds each coordinate's step
+    |m_hat / sqrt(v_hat)| by kappa_t (below), so the round moves at most lr sqrt(dims) sum_t kappa_t.
+    """
+    if optimizer == "adam":
+        beta1, beta2 = 0.9, 0.999  # torch.optim.Adam's defaults, which clients use
+        kappas = [
+            (1 - beta1) / (1 - beta1**t) * math.sqrt((1 - beta2**t) / (1 - beta2))
+            * math.sqrt(sum((beta1**2 / beta2) ** k for k in range(t)))
+            for t in range(1, steps + 1)
+        ]
+        return lr * math.sqrt(dims) * sum(kappas)
+    log_term = math.log(2 * steps / failure)
+    mean = min(batch_size, n_examples)
+    delta = (log_term + math.sqrt(log_term**2 + 8 * mean * log_term)) / (2 * mean)
+    examples = min(n_examples, (1 + delta) * mean)
+    noise = noise_multiplier * clip * (math.sqrt(dims) + math.sqrt(2 * log_term))
+    return steps * lr * (examples * clip + noise) / batch_size
+
+
 def mark_empty_batch(params: list[torch.nn.Parameter]) -> None:
     """Give every parameter an empty per-sample gradient.
 

@@ -28,7 +28,7 @@ from aslora.methods.base import (
     aggregation_error,
     weighted_mean,
 )
-from aslora.privacy import restore_accountant, spent_epsilon
+from aslora.privacy import restore_accountant, spent_epsilon, update_norm_bound
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class ServerSettings:
     stragglers: float = 0.0
     min_clients: int = 1
     secure_aggregation: bool = False  # the engine returns only the secure sum of the updates
+    lr: float = 0.5  # what clients train with: the update norm bound needs it
+    optimizer: str = "sgd"
+    clip: float = 1.0
 
 
 class RejectedAfterTraining(Exception):
@@ -155,6 +158,17 @@ def value_problem(update: ClientUpdate) -> str | None:
     return None
 
 
+def moved_too_far(update: ClientUpdate, start: GlobalState, bound: Callable[[int], float]) -> str | None:
+    """Whether the update lies farther (L2) from where the client started than `bound(dims)` allows."""
+    before = start.tensors()
+    tensors = update.tensors()
+    distance = math.sqrt(sum(float((t.double() - before[n].double()).square().sum()) for n, t in tensors.items()))
+    limit = bound(sum(t.numel() for t in tensors.values()))
+    if distance > limit:
+        return f"it moved {distance:.4g} from its start, beyond the {limit:.4g} that its DP-SGD round allows"
+    return None
+
+
 class Federation:
     """Runs the rounds of one experiment over an engine."""
 
@@ -225,6 +239,13 @@ class Federation:
         q = min(1.0, self.settings.batch_size / self.sizes[client])
         return [(self.settings.noise_multiplier, q, self.settings.local_steps)]
 
+    def norm_bound(self, client: int, dims: int) -> float:
+        """How far a client's round of DP-SGD can move `dims` parameters (see update_norm_bound)."""
+        s = self.settings
+        return update_norm_bound(
+            s.local_steps, s.lr, s.optimizer, s.clip, s.noise_multiplier, s.batch_size, self.sizes[client], dims
+        )
+
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
         current = self.method.downloaded(self.state)
@@ -257,7 +278,7 @@ class Federation:
         starts = [self.method.client_start(self.state, c) for c in clients]
         results = self.engine.train(starts, jobs, done)
         accepted, rejected = [], []
-        for job, result in zip(jobs, results, strict=True):
+        for job, start, result in zip(jobs, starts, results, strict=True):
             if isinstance(result, RejectedAfterTraining):
                 reason = str(result)
             elif isinstance(result, Exception):
@@ -266,6 +287,8 @@ class Federation:
                 reason = "its update arrived after the round's deadline (simulated straggler)"
             else:
                 reason = validate_update(result, self.state, mask, self.train_head, self.method.statistics)
+                if reason is None and self.settings.dp_enabled and not self.settings.secure_aggregation:
+                    reason = moved_too_far(result, start, lambda dims, c=job.client_id: self.norm_bound(c, dims))
             if reason is None:
                 accepted.append(result)
                 self.histories[job.client_id].extend(result.privacy_history)

@@ -38,7 +38,8 @@ from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
 from aslora.methods.base import ClientUpdate, GlobalState
-from aslora.server import RejectedAfterTraining, layout_problem, value_problem
+from aslora.privacy import update_norm_bound
+from aslora.server import RejectedAfterTraining, layout_problem, moved_too_far, value_problem
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "ASLORA_FLOWER_CONFIG"  # path of the experiment TOML the ServerApp runs
@@ -133,7 +134,7 @@ def encode_secure_update(
     names = sorted(tensors)
     arrays = [tensors[name].double().numpy() for name in names]
     bound = setup.config.federation.secure_range
-    problem = value_problem(update) or next(
+    problem = value_problem(update) or _beyond_dp_bound(update, start, setup) or next(
         (
             f"{name} reaches {np.abs(a).max():.3g}, outside federation.secure_range={bound}; raise it"
             for name, a in zip(names, arrays, strict=True)
@@ -152,6 +153,21 @@ def encode_secure_update(
     weight = 0 if problem else method.weight(update.n_examples)
     arrays = [np.zeros_like(a) for a in arrays] if problem else arrays
     return secagg.masked_reply(arrays, weight, {"meta": json.dumps(meta)})
+
+
+def _beyond_dp_bound(update: ClientUpdate, start: GlobalState, setup: Setup) -> str | None:
+    """The server's update norm check, run by the client itself (the server only sees the sum)."""
+    local = setup.local
+    if not local.dp.enabled:
+        return None
+    return moved_too_far(
+        update,
+        start,
+        lambda dims: update_norm_bound(
+            local.steps, local.lr, local.optimizer, local.dp.clip, local.dp.noise_multiplier,
+            local.batch_size, update.n_examples, dims,
+        ),
+    )
 
 
 def decode_secure_update(meta: Mapping[str, Any], mean: Sequence[np.ndarray]) -> ClientUpdate | Exception:

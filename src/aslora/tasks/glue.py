@@ -186,6 +186,12 @@ class GlueTask:
                 name: split.shuffle(seed=config.seed).select(range(min(config.data.eval_subset, len(split))))
                 for name, split in evals.items()
             }
+        classes = set(train["label"])
+        if len(classes) < 2:
+            raise ValueError(
+                f"GLUE/{spec.folder} train: every example has label {classes.pop()}; a classifier needs two "
+                "classes at least: check the data files, or raise data.train_subset"
+            )
         main = evals.pop("")
         return cls(
             name=config.data.task,
