@@ -21,18 +21,11 @@ from rich.table import Table
 
 from aslora.config import load_config
 from aslora.experiment import run_experiment
+from aslora.methods import ABLATIONS
 from aslora.tasks import SyntheticTask
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "fedavg": {"method": "fedavg"},
-    "ffa": {"method": "ffa"},
-    "rolora": {"method": "rolora"},
-    "aslora": {"method": "aslora"},
-    "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
-    "aslora first_order": {"method": "aslora", "selection.score": "first_order"},
-    "aslora random": {"method": "aslora", "selection.score": "random"},
-}
+VARIANTS = {m: {"method": m} for m in ("fedavg", "ffa", "rolora", "aslora")} | ABLATIONS
 
 
 def main() -> None:

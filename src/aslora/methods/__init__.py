@@ -16,6 +16,12 @@ from aslora.methods.rolora import RoLoRA
 _PLAIN: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA, FedSA, FedEx, FedSVD, FlexLoRA)}
 _WITH_CONTEXT = {m.name: m for m in (ASLoRA, FLoRA)}
 NAMES = (*_PLAIN, *_WITH_CONTEXT)
+# AS-LoRA's ablations (ALGORITHM.md): one choice of the selection switched, as config overrides.
+ABLATIONS: dict[str, dict[str, str]] = {
+    "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
+    "aslora first_order": {"method": "aslora", "selection.score": "first_order"},
+    "aslora random": {"method": "aslora", "selection.score": "random"},
+}
 
 
 def get_method(name: str, context: MethodContext | None = None) -> Method:
@@ -29,4 +35,4 @@ def get_method(name: str, context: MethodContext | None = None) -> Method:
     return _PLAIN[name]()
 
 
-__all__ = ["NAMES", "ClientUpdate", "GlobalState", "Mask", "Method", "MethodContext", "get_method"]
+__all__ = ["ABLATIONS", "NAMES", "ClientUpdate", "GlobalState", "Mask", "Method", "MethodContext", "get_method"]
