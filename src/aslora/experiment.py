@@ -128,7 +128,7 @@ class Setup:
         return [len(s) for s in self.shards]
 
     def local_engine(self) -> LocalEngine:
-        return LocalEngine(self.view, self.shards, self.task.encode, self.local, self.task.loss)
+        return LocalEngine(self.view, self.shards, self.task.encode_train, self.local, self.task.loss)
 
     def method(self) -> Method:
         return get_method(self.config.method, method_context(self.config, self.privacy))

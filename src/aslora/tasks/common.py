@@ -19,7 +19,9 @@ class Task(Protocol):
     """A task as the federation uses it: raw splits, encoding, model, loss and metrics.
 
     `encode` gives tensors whose last one is per-example (its length is the
-    batch size); `evaluate` returns metrics with `metric` among them.
+    batch size); `encode_train` is what clients train on, one row per example
+    since a row is DP-SGD's unit of privacy (most tasks: `encode` itself);
+    `evaluate` returns metrics with `metric` among them.
     `extra_evals` are further evaluation splits, reported with their name as a
     prefix (MNLI's mismatched dev set: 'mm_accuracy').
     """
@@ -31,6 +33,8 @@ class Task(Protocol):
     extra_evals: dict[str, datasets.Dataset]
 
     def encode(self, split: datasets.Dataset) -> TensorDataset: ...
+
+    def encode_train(self, split: datasets.Dataset) -> TensorDataset: ...
 
     def build_model(self, config: ExperimentConfig) -> PeftModel: ...
 

@@ -217,6 +217,8 @@ class GlueTask:
         labels = torch.tensor(split["label"], dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
+    encode_train = encode  # one row per example already
+
     def build_model(self, config: ExperimentConfig) -> PeftModel:
         """The pretrained encoder with a fresh head and LoRA adapters, seeded."""
         torch.manual_seed(config.seed)

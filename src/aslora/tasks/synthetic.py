@@ -105,6 +105,8 @@ class SyntheticTask:
         y = torch.stack([x[:, i] @ (self.base[layer] + t).T for i, (layer, t) in enumerate(self.targets.items())], dim=1)
         return TensorDataset(x, y)
 
+    encode_train = encode  # one row per example already
+
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean over the batch of the squared error summed over layers and outputs."""
         x, y = batch
