@@ -60,7 +60,10 @@ def test_missing_data_files(tmp_path: Path) -> None:
 
 
 def test_wrong_model_name(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not per call
     config = tmp_path / "bad-model.toml"
     config.write_text((REPO / "configs" / "demo.toml").read_text().replace('name = "minilm"', 'name = "no-such/model"'))
     result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
@@ -91,7 +94,7 @@ def test_empty_texts_are_named_before_training(tmp_path: Path, data_dir: Path) -
     (folder / "train.tsv").write_text("\n".join([*lines, "\t1", *lines[1:5]]) + "\n")
     (folder / "dev.tsv").write_text("\n".join((data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[:20]) + "\n")
     code, output = _run(tmp_path, "--data-dir", str(tmp_path / "data"))
-    assert code == 2 and "train: 1 example(s) have an empty text (first at data row 200)" in output
+    assert code == 2 and "train: 1 example(s) have an empty text in 'sentence' (first at data row 200)" in output
     assert not (tmp_path / "runs").exists()
 
 

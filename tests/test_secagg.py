@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,16 @@ def test_the_local_engine_refuses_secure_aggregation_before_training(tmp_path: P
     assert not any(tmp_path.iterdir())  # no run directory half-written
 
 
-def test_a_client_rejects_its_own_out_of_range_update_and_is_charged(tmp_path: Path) -> None:
-    """Under SecAgg+ the server cannot check values: the client does, sends zeros with weight 0,
-    and names the problem in the clear; the server turns that into a charged rejection."""
-    setup = prepare(_synthetic(tmp_path, **{"federation.secure_aggregation": True, "federation.secure_range": 4.0}))
+@pytest.mark.parametrize(
+    ("dp", "reason"),
+    [(True, "beyond the .* that its DP-SGD round allows"), (False, "outside federation.secure_range=4.0")],
+)
+def test_a_client_rejects_its_own_bad_update_and_is_charged(tmp_path: Path, dp: bool, reason: str) -> None:
+    """Under SecAgg+ the server cannot check values: the client does (the DP norm bound, then the
+    range), sends zeros with weight 0, and names the problem in the clear; the server turns that
+    into a charged rejection."""
+    overrides = {"federation.secure_aggregation": True, "federation.secure_range": 4.0, "privacy.enabled": dp}
+    setup = prepare(_synthetic(tmp_path, **overrides))
     method = setup.method()
     view = setup.view
     start = GlobalState(factors=view.get_factors(), head=view.get_head(), scaling={})
@@ -70,7 +77,7 @@ def test_a_client_rejects_its_own_out_of_range_update_and_is_charged(tmp_path: P
     meta = json.loads(bad.metrics["meta"])
     assert bad.num_examples == 0
     assert all(not np.any(a) for a in parameters_to_ndarrays(bad.parameters))
-    assert "outside federation.secure_range=4.0" in meta["rejected"]
+    assert re.search(reason, meta["rejected"])
     assert isinstance(decode_secure_update(meta, []), RejectedAfterTraining)
 
 
