@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Vectors = list[torch.Tensor]
 
@@ -48,7 +49,15 @@ def measure(
 
     Power iteration finds the eigenvalue of largest magnitude: at a minimum,
     where the Hessian is nearly positive semi-definite, that is the top one.
+    Attention runs on the math SDPA kernel, the one with a double backward.
     """
+    with sdpa_kernel(SDPBackend.MATH):
+        return _measure(loss, params, iterations, probes, seed)
+
+
+def _measure(
+    loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], iterations: int, probes: int, seed: int
+) -> Sharpness:
     hvp = hessian_vector_product(loss, params)
     generator = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
