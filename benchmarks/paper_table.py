@@ -86,8 +86,8 @@ def table(out: Path, tasks: list[str], epsilons: list[float], seeds: int, varian
                     summaries.setdefault(variant, []).append(json.loads(path.read_text()))
             if not summaries:
                 continue
-            metrics = [k for k in next(iter(summaries.values()))[0]["final_metrics"] if not k.endswith("loss")]
-            metrics = [m for m in metrics if "/" not in m]
+            # every method's own metrics (accuracy, eval loss); FedSA's personalised ones are in its summaries
+            metrics = [k for k in next(iter(summaries.values()))[0]["final_metrics"] if "/" not in k]
             lines += [f"## {task}, epsilon {eps:g}", "", "| variant | seeds | " + " | ".join(metrics) +
                       " | epsilon spent | wall s / run |", "|---" * (len(metrics) + 4) + "|"]
             for variant, runs in summaries.items():

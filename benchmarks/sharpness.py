@@ -47,7 +47,7 @@ def final_sharpness(config: ExperimentConfig, run_dir: Path, examples: int) -> t
     for p in params:
         p.requires_grad_(True)
     view.model.eval()
-    result = measure(lambda: task.loss(view.model, batch), params, iterations=20, probes=10, seed=config.seed)
+    result = measure(lambda: task.loss(view.model, batch), params, iterations=20, probes=30, seed=config.seed)
     return result.top_eigenvalue, result.trace, result.trace_std_error
 
 
@@ -65,18 +65,20 @@ def main() -> None:
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            finals, tops, traces, started = [], [], [], time.perf_counter()
+            finals, tops, traces, errors, started = [], [], [], [], time.perf_counter()
             for seed in range(args.seeds):
                 config = base.with_overrides({"method": method, "seed": base.seed + seed, "output_dir": tmp})
                 result = run_experiment(config)
                 metric = next(k for k in result.summary["final_metrics"] if not k.endswith("loss"))
                 finals.append(result.summary["final_metrics"][metric])
-                top, trace, _ = final_sharpness(config, result.directory, args.examples)
+                top, trace, error = final_sharpness(config, result.directory, args.examples)
                 tops.append(top)
                 traces.append(trace)
+                errors.append(error)
             table.add_row(
                 method, str(args.seeds), f"{np.mean(finals):.4f}", f"{np.mean(tops):.4g} +- {np.std(tops):.2g}",
-                f"{np.mean(traces):.4g} +- {np.std(traces):.2g}", f"{time.perf_counter() - started:.0f}",
+                f"{np.mean(traces):.4g} +- {np.std(traces):.2g} (probe s.e. {np.mean(errors):.2g})",
+                f"{time.perf_counter() - started:.0f}",
             )
     Console().print(table)
 
