@@ -9,10 +9,10 @@ from typing import Protocol
 
 import datasets
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch.utils.data import TensorDataset
 
-from aslora.config import ExperimentConfig
+from aslora.config import ExperimentConfig, LoraSettings
 
 
 class Task(Protocol):
@@ -51,3 +51,31 @@ def data_root(config: ExperimentConfig) -> Path | None:
     """The local data folder: data.dir, else $ASLORA_DATA_DIR, else none (use the hub)."""
     root = config.data.dir or os.environ.get("ASLORA_DATA_DIR") or None
     return Path(root) if root else None
+
+
+def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | None, head_hint: str, target_hint: str = "") -> PeftModel:
+    """`base` with LoRA adapters on lora.target_modules and lora.head_modules trained fully.
+
+    A name the model does not have fails before training, with `head_hint` or
+    the model's own linear layers (and `target_hint`) saying what to write.
+    """
+    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in lora.head_modules if m not in present]
+    if missing:
+        raise ValueError(f"lora.head_modules names {missing}, which {type(base).__name__} does not have; {head_hint}")
+    config = LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.head_modules) or None,
+    )
+    try:
+        return get_peft_model(base, config)
+    except ValueError as exc:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"lora.target_modules={list(lora.target_modules)}: {exc} The linear layers of "
+            f"{type(base).__name__} here are named {linear}{'; ' + target_hint if target_hint else ''}"
+        ) from None

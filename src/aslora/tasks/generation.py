@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType
 from torch.utils.data import TensorDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained
-from aslora.tasks.common import data_root
+from aslora.tasks.common import data_root, with_lora
 from aslora.tasks.glue import GLUE, _load_hub, _load_local, _normalise
 
 RANDOM_LLAMA = "llama-tiny-random"
@@ -223,29 +223,8 @@ class GenerationTask:
             base = AutoModelForCausalLM.from_config(shape)
         else:
             base = load_pretrained(AutoModelForCausalLM.from_pretrained, self.model_name, dtype=torch.float32)
-        lora = config.lora
-        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        absent = [m for m in lora.head_modules if m not in present]
-        if absent:
-            raise ValueError(
-                f"lora.head_modules names {absent}, which {type(base).__name__} does not have; "
-                "sst2_generation trains no head: set lora.head_modules = [] and lora.train_head = false"
-            )
-        peft_config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=list(lora.head_modules) or None,
-        )
-        try:
-            return get_peft_model(base, peft_config)
-        except ValueError as exc:
-            raise ValueError(
-                f"lora.target_modules={list(lora.target_modules)}: {exc}; "
-                "Llama's attention projections are q_proj, k_proj, v_proj, o_proj"
-            ) from None
+        head = "sst2_generation trains no head: set lora.head_modules = [] and lora.train_head = false"
+        return with_lora(base, config.lora, TaskType.CAUSAL_LM, head, "Llama's attention projections are q_proj, k_proj, v_proj, o_proj")
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean over examples of each one's mean answer-token cross-entropy.

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import datasets
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType
 from torch.utils.data import TensorDataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained, resolve_model
-from aslora.tasks.common import DataNotFoundError, data_root
+from aslora.tasks.common import DataNotFoundError, data_root, with_lora
 
 log = logging.getLogger(__name__)
 HUB_DATASET = "nyu-mll/glue"
@@ -225,26 +225,8 @@ class GlueTask:
         base = load_pretrained(
             AutoModelForSequenceClassification.from_pretrained, self.model_path, num_labels=self.num_labels
         )
-        lora = config.lora
-        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        missing = [m for m in lora.head_modules if m not in present]
-        if missing:
-            raise ValueError(
-                f"lora.head_modules names {missing}, which {type(base).__name__} does not have; "
-                "name modules of the model's head (BERT-like models: classifier, pooler)"
-            )
-        peft_config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=list(lora.head_modules),
-        )
-        try:
-            return get_peft_model(base, peft_config)
-        except ValueError as exc:
-            raise ValueError(f"lora.target_modules={list(lora.target_modules)}: {exc}") from None
+        hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
+        return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
 
     @staticmethod
     def _inputs(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

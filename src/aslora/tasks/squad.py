@@ -40,7 +40,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType
 from torch.utils.data import TensorDataset
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -51,7 +51,7 @@ from transformers import (
 
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained, resolve_model
-from aslora.tasks.common import DataNotFoundError, data_root
+from aslora.tasks.common import DataNotFoundError, data_root, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -343,26 +343,7 @@ class SquadTask:
         """The pretrained encoder with a fresh span head (qa_outputs) and LoRA adapters, seeded."""
         torch.manual_seed(config.seed)
         base = load_pretrained(AutoModelForQuestionAnswering.from_pretrained, self.model_path)
-        lora = config.lora
-        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        unknown = [m for m in lora.head_modules if m not in present]
-        if unknown:
-            raise ValueError(
-                f"lora.head_modules names {unknown}, which {type(base).__name__} does not have; "
-                "the span head of BERT-like models is qa_outputs"
-            )
-        peft_config = LoraConfig(
-            task_type=TaskType.QUESTION_ANS,
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=list(lora.head_modules),
-        )
-        try:
-            return get_peft_model(base, peft_config)
-        except ValueError as exc:
-            raise ValueError(f"lora.target_modules={list(lora.target_modules)}: {exc}") from None
+        return with_lora(base, config.lora, TaskType.QUESTION_ANS, "the span head of BERT-like models is qa_outputs")
 
     def _inputs(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model inputs with padding trimmed to the longest window in the batch.

@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from PIL import Image
 from torch.utils.data import TensorDataset
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, ViTConfig
@@ -31,7 +31,7 @@ except ImportError:  # transformers 4: ViTImageProcessor is the PIL-based one
 
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained
-from aslora.tasks.common import DataNotFoundError, data_root
+from aslora.tasks.common import DataNotFoundError, data_root, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -280,32 +280,8 @@ class VisionTask:
                 config=self.model_config,
                 ignore_mismatched_sizes=True,
             )
-        lora = config.lora
-        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        missing = [m for m in lora.head_modules if m not in present]
-        if missing:
-            raise ValueError(
-                f"lora.head_modules names {missing}, which {type(base).__name__} does not have; "
-                "name modules of the model's head (ViT: classifier)"
-            )
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            modules_to_save=list(lora.head_modules),
-        )
-        try:
-            return get_peft_model(base, peft_config)
-        except ValueError as exc:
-            # Module names differ across transformers versions (ViT: query/value in 4.x, q_proj/v_proj in 5.x).
-            linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-            )
-            raise ValueError(
-                f"lora.target_modules={list(lora.target_modules)}: {exc} The linear layers of "
-                f"{type(base).__name__} here are named {linear}"
-            ) from None
+        # Module names differ across transformers versions (ViT: query/value in 4.x, q_proj/v_proj in 5.x).
+        return with_lora(base, config.lora, None, "name modules of the model's head (ViT: classifier)")
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean cross-entropy of the batch."""
