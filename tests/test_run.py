@@ -84,6 +84,9 @@ def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, 
         assert len(rows) == 2 and (run / "metrics.png").stat().st_size > 0
         for key in ("train_loss", "epsilon", "agg_error", "agg_time_s", "bytes_up_per_client", "bytes_down_per_client"):
             assert all(key in r for r in rows)
+        # Times: the server's part of a round (plan, checks, aggregation) next to the clients' training.
+        assert all(0 < r["agg_time_s"] <= r["server_time_s"] < r["client_time_s"] for r in rows)
+        assert summary["total_client_time_s"] == pytest.approx(sum(r["client_time_s"] for r in rows))
         assert all("accuracy" in r["metrics"] for r in rows)
         # Privacy: the logged epsilon is Opacus's for the logged history, within the budget.
         for i, row in enumerate(rows):

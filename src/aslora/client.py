@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -10,7 +11,13 @@ from torch.utils.data import TensorDataset
 
 from aslora.adapters import FACTORS, LoraView
 from aslora.methods.base import ClientUpdate, GlobalState, Mask
-from aslora.privacy import DPSettings, mark_empty_batch, new_accountant, private_training
+from aslora.privacy import (
+    DPSettings,
+    mark_empty_batch,
+    new_accountant,
+    private_training,
+    update_norm_bound,
+)
 from aslora.selection import LastStepTracker, MomentTracker
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -27,6 +34,12 @@ class LocalSettings:
     dp: DPSettings
     accountant: str
     train_head: bool
+
+    def norm_bound(self, n_examples: int, dims: int) -> float:
+        """How far one round of this training can move `dims` parameters of a client with `n_examples`."""
+        return update_norm_bound(
+            self.steps, self.lr, self.optimizer, self.dp.clip, self.dp.noise_multiplier, self.batch_size, n_examples, dims
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ def train_client(
     """
     if job.fail:
         raise ClientDropout(f"client {job.client_id} dropped out in round {job.round_index} (simulated)")
+    started = time.perf_counter()
     view.set_factors(state.factors)
     view.set_head(state.head)
     view.set_residual(state.residual)
@@ -155,4 +169,5 @@ def train_client(
         examples_seen=seen,
         privacy_history=list(accountant.history),
         stats=tracker.statistics(session.noise_variance) if tracker is not None else {},
+        train_time_s=time.perf_counter() - started,
     )

@@ -96,6 +96,8 @@ class RunDirectory:
             "noise_multiplier": noise_multiplier,
             "mean_agg_error": _mean([r.agg_error for r in records if r.agg_error is not None], None),
             "total_agg_time_s": sum(r.agg_time_s for r in records),
+            "total_server_time_s": sum(r.server_time_s for r in records),
+            "total_client_time_s": sum(r.client_time_s for r in records),
             "mean_bytes_up_per_client": _mean([r.bytes_up_per_client for r in records]),
             "mean_bytes_down_per_client": _mean([r.bytes_down_per_client for r in records]),
             "rejected_updates": sum(len(r.rejected) for r in records),

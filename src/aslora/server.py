@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from aslora.adapters import FACTORS
-from aslora.client import ClientJob
+from aslora.client import ClientJob, LocalSettings
 from aslora.methods.base import (
     ClientUpdate,
     GlobalState,
@@ -28,7 +28,7 @@ from aslora.methods.base import (
     aggregation_error,
     weighted_mean,
 )
-from aslora.privacy import restore_accountant, spent_epsilon, update_norm_bound
+from aslora.privacy import restore_accountant, spent_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +53,30 @@ class ServerSettings:
     clients_per_round: int
     eval_every: int
     seed: int
-    local_steps: int
-    batch_size: int
-    noise_multiplier: float
-    dp_enabled: bool
-    accountant: str
+    local: LocalSettings  # how clients train: what a round costs them, how far it can move them
     delta: float
     epsilon_budget: float | None
     dropout: float = 0.0
     stragglers: float = 0.0
     min_clients: int = 1
     secure_aggregation: bool = False  # the engine returns only the secure sum of the updates
-    lr: float = 0.5  # what clients train with: the update norm bound needs it
-    optimizer: str = "sgd"
-    clip: float = 1.0
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.local.dp.enabled
 
 
 class RejectedAfterTraining(Exception):
     """A client trained (spending privacy) but its update cannot be used; it is charged the round."""
+
+
+@dataclass(frozen=True)
+class RoundTimes:
+    """Where a round's time went; the simulator's own measurements (bytes, errors) left out."""
+
+    aggregation_s: float
+    server_s: float
+    clients_s: float
 
 
 @dataclass
@@ -88,6 +94,8 @@ class RoundRecord:
     agg_error: float | None  # None where it cannot be measured: a skipped round, or a secure sum
     agg_error_per_layer: dict[str, float]
     agg_time_s: float
+    server_time_s: float  # the server's own work in the round: plan (AS-LoRA's scores), checks, aggregation
+    client_time_s: float  # the sum of the sampled clients' local training times, as each measured it
     bytes_up_per_client: float
     bytes_down_per_client: float
     metrics: dict[str, float] = field(default_factory=dict)
@@ -210,7 +218,7 @@ class Federation:
     def epsilon(self, client: int, extra_round: bool = False) -> float:
         """The client's spent epsilon, or what it would be after one more round."""
         history = list(self.histories[client]) + (self._round_cost(client) if extra_round else [])
-        return spent_epsilon(restore_accountant(self.settings.accountant, history), self.settings.delta)
+        return spent_epsilon(restore_accountant(self.settings.local.accountant, history), self.settings.delta)
 
     def eligible_clients(self) -> list[int]:
         """Clients whose next round stays within the privacy budget."""
@@ -236,15 +244,12 @@ class Federation:
 
     def _round_cost(self, client: int) -> list[tuple[float, float, int]]:
         """What one round of DP-SGD costs a client, as the server planned it."""
-        q = min(1.0, self.settings.batch_size / self.sizes[client])
-        return [(self.settings.noise_multiplier, q, self.settings.local_steps)]
+        local = self.settings.local
+        return [(local.dp.noise_multiplier, min(1.0, local.batch_size / self.sizes[client]), local.steps)]
 
     def norm_bound(self, client: int, dims: int) -> float:
         """How far a client's round of DP-SGD can move `dims` parameters (see update_norm_bound)."""
-        s = self.settings
-        return update_norm_bound(
-            s.local_steps, s.lr, s.optimizer, s.clip, s.noise_multiplier, s.batch_size, self.sizes[client], dims
-        )
+        return self.settings.local.norm_bound(self.sizes[client], dims)
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
@@ -257,10 +262,11 @@ class Federation:
         if not eligible:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
             return None
+        started = time.perf_counter()
         clients = self.sample(round_index, eligible)
         failing, late = self.faults(round_index, clients)
         mask = self.method.plan(round_index, self.state)
-        bytes_down = [payload_bytes(self._download(c)) for c in clients]
+        downloads = [self._download(c) for c in clients]
         for c in clients:
             self._seen[c] = dict(self._version)
         jobs = [
@@ -276,7 +282,9 @@ class Federation:
             for c in clients
         ]
         starts = [self.method.client_start(self.state, c) for c in clients]
+        planning_s = time.perf_counter() - started
         results = self.engine.train(starts, jobs, done)
+        received = time.perf_counter()
         accepted, rejected = [], []
         for job, start, result in zip(jobs, starts, results, strict=True):
             if isinstance(result, RejectedAfterTraining):
@@ -299,26 +307,29 @@ class Federation:
                 if trained and self.settings.dp_enabled:
                     # It trained on its data all the same: charge the round as planned.
                     self.histories[job.client_id].extend(self._round_cost(job.client_id))
+        clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
         if len(accepted) < self.settings.min_clients:
             log.warning(
                 "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
                 "model is unchanged", round_index, len(accepted), self.settings.min_clients,
             )
-            return self._record(round_index, clients, rejected, mask, [], 0.0, None, bytes_down)
+            times = RoundTimes(0.0, planning_s + time.perf_counter() - received, clients_s)
+            return self._record(round_index, clients, rejected, mask, [], times, None, downloads)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         new_state = self.method.aggregate(self.state, accepted, weights)
         if self.train_head and self.method.shares_head:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             new_state = new_state.evolve(head=head)
-        agg_time = time.perf_counter() - start
+        aggregated = time.perf_counter()
+        times = RoundTimes(aggregated - start, planning_s + aggregated - received, clients_s)
         # Under secure aggregation every accepted update carries the same sum: the
         # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
         secure = self.settings.secure_aggregation
         errors = None if secure else aggregation_error(self.state, accepted, weights, new_state)
         self._bump_versions(new_state)
         self.state = new_state
-        return self._record(round_index, clients, rejected, mask, accepted, agg_time, errors, bytes_down)
+        return self._record(round_index, clients, rejected, mask, accepted, times, errors, downloads)
 
     def _bump_versions(self, new_state: GlobalState) -> None:
         old = self.method.downloaded(self.state)
@@ -333,11 +344,12 @@ class Federation:
         rejected: list[int],
         mask: Mask,
         accepted: list[ClientUpdate],
-        agg_time: float,
+        times: RoundTimes,
         errors: dict[str, float] | None,
-        bytes_down: list[int],
+        downloads: list[dict[str, torch.Tensor]],
     ) -> RoundRecord:
         ups = [payload_bytes(upload(self.method, u)) for u in accepted]
+        downs = [payload_bytes(d) for d in downloads]
         losses = [u.loss for u in accepted if not math.isnan(u.loss)]
         settings = self.settings
         last = round_index == settings.rounds - 1
@@ -353,13 +365,14 @@ class Federation:
             delta=settings.delta,
             agg_error=float(np.mean(list(errors.values()))) if errors else None,
             agg_error_per_layer=errors or {},
-            agg_time_s=agg_time,
+            agg_time_s=times.aggregation_s,
+            server_time_s=times.server_s,
+            client_time_s=times.clients_s,
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
-            bytes_down_per_client=float(np.mean(bytes_down)) if bytes_down else 0.0,
+            bytes_down_per_client=float(np.mean(downs)) if downs else 0.0,
             metrics=metrics,
             selection=self.method.describe(self.state) if accepted else {},
         )
-
 
 def _job_seed(seed: int, round_index: int, client: int) -> int:
     """A distinct, reproducible seed for each (run, round, client)."""

@@ -38,7 +38,6 @@ from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
 from aslora.methods.base import ClientUpdate, GlobalState
-from aslora.privacy import update_norm_bound
 from aslora.server import RejectedAfterTraining, layout_problem, moved_too_far, value_problem
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,7 @@ def _meta(update: ClientUpdate) -> dict[str, Any]:
         "loss": update.loss,
         "examples_seen": update.examples_seen,
         "privacy_history": update.privacy_history,
+        "train_time_s": update.train_time_s,
     }
 
 
@@ -99,6 +99,7 @@ def _from_meta(meta: Mapping[str, Any], trained: GlobalState, stats: dict[str, A
         examples_seen=int(meta["examples_seen"]),
         privacy_history=[tuple(h) for h in meta["privacy_history"]],
         stats=stats,
+        train_time_s=float(meta["train_time_s"]),
     )
 
 
@@ -157,17 +158,9 @@ def encode_secure_update(
 
 def _beyond_dp_bound(update: ClientUpdate, start: GlobalState, setup: Setup) -> str | None:
     """The server's update norm check, run by the client itself (the server only sees the sum)."""
-    local = setup.local
-    if not local.dp.enabled:
+    if not setup.local.dp.enabled:
         return None
-    return moved_too_far(
-        update,
-        start,
-        lambda dims: update_norm_bound(
-            local.steps, local.lr, local.optimizer, local.dp.clip, local.dp.noise_multiplier,
-            local.batch_size, update.n_examples, dims,
-        ),
-    )
+    return moved_too_far(update, start, lambda dims: setup.local.norm_bound(update.n_examples, dims))
 
 
 def decode_secure_update(meta: Mapping[str, Any], mean: Sequence[np.ndarray]) -> ClientUpdate | Exception:

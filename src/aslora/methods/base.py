@@ -70,6 +70,7 @@ class ClientUpdate:
     examples_seen: int
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    train_time_s: float = 0.0  # the client's wall time for the round, as it measured it
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The trained factors and head, named as in `GlobalState.tensors()`."""
