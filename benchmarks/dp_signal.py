@@ -32,14 +32,14 @@ from rich.console import Console
 from rich.table import Table
 
 from aslora.config import load_config
-from aslora.experiment import prepare
+from aslora.experiment import Setup, prepare
 from aslora.privacy import DPSettings, new_accountant, private_training
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = ",".join(str(REPO / "configs" / "paper" / f"{t}.toml") for t in ("sst2", "qnli", "mnli"))
 
 
-def per_example_gradients(setup, factor: str, split: datasets.Dataset) -> tuple[torch.Tensor, int]:
+def per_example_gradients(setup: Setup, factor: str, split: datasets.Dataset) -> tuple[torch.Tensor, int]:
     """Per-example gradients of `factor` (every layer) and the head on `split`, as DP-SGD sees them."""
     view, task = setup.view, setup.task
     params = view.set_trainable({layer: (factor,) for layer in view.layers}, train_head=True)
