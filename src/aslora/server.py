@@ -166,12 +166,17 @@ def value_problem(update: ClientUpdate) -> str | None:
     return None
 
 
-def moved_too_far(update: ClientUpdate, start: GlobalState, bound: Callable[[int], float]) -> str | None:
-    """Whether the update lies farther (L2) from where the client started than `bound(dims)` allows."""
+def moved_too_far(update: ClientUpdate, start: GlobalState, local: LocalSettings, n_examples: int) -> str | None:
+    """Whether the update lies farther (L2) from where the client started than its DP-SGD round can move it.
+
+    Without DP there is no bound: None. Run by the server, or under SecAgg+ by the client itself.
+    """
+    if not local.dp.enabled:
+        return None
     before = start.tensors()
     tensors = update.tensors()
     distance = math.sqrt(sum(float((t.double() - before[n].double()).square().sum()) for n, t in tensors.items()))
-    limit = bound(sum(t.numel() for t in tensors.values()))
+    limit = local.norm_bound(n_examples, sum(t.numel() for t in tensors.values()))
     if distance > limit:
         return f"it moved {distance:.4g} from its start, beyond the {limit:.4g} that its DP-SGD round allows"
     return None
@@ -247,10 +252,6 @@ class Federation:
         local = self.settings.local
         return [(local.dp.noise_multiplier, min(1.0, local.batch_size / self.sizes[client]), local.steps)]
 
-    def norm_bound(self, client: int, dims: int) -> float:
-        """How far a client's round of DP-SGD can move `dims` parameters (see update_norm_bound)."""
-        return self.settings.local.norm_bound(self.sizes[client], dims)
-
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
         current = self.method.downloaded(self.state)
@@ -295,8 +296,8 @@ class Federation:
                 reason = "its update arrived after the round's deadline (simulated straggler)"
             else:
                 reason = validate_update(result, self.state, mask, self.train_head, self.method.statistics)
-                if reason is None and self.settings.dp_enabled and not self.settings.secure_aggregation:
-                    reason = moved_too_far(result, start, lambda dims, c=job.client_id: self.norm_bound(c, dims))
+                if reason is None and not self.settings.secure_aggregation:
+                    reason = moved_too_far(result, start, self.settings.local, self.sizes[job.client_id])
             if reason is None:
                 accepted.append(result)
                 self.histories[job.client_id].extend(result.privacy_history)

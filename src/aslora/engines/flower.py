@@ -135,7 +135,8 @@ def encode_secure_update(
     names = sorted(tensors)
     arrays = [tensors[name].double().numpy() for name in names]
     bound = setup.config.federation.secure_range
-    problem = value_problem(update) or _beyond_dp_bound(update, start, setup) or next(
+    # The server's norm check, run by the client itself: the server only sees the sum.
+    problem = value_problem(update) or moved_too_far(update, start, setup.local, update.n_examples) or next(
         (
             f"{name} reaches {np.abs(a).max():.3g}, outside federation.secure_range={bound}; raise it"
             for name, a in zip(names, arrays, strict=True)
@@ -154,13 +155,6 @@ def encode_secure_update(
     weight = 0 if problem else method.weight(update.n_examples)
     arrays = [np.zeros_like(a) for a in arrays] if problem else arrays
     return secagg.masked_reply(arrays, weight, {"meta": json.dumps(meta)})
-
-
-def _beyond_dp_bound(update: ClientUpdate, start: GlobalState, setup: Setup) -> str | None:
-    """The server's update norm check, run by the client itself (the server only sees the sum)."""
-    if not setup.local.dp.enabled:
-        return None
-    return moved_too_far(update, start, lambda dims: setup.local.norm_bound(update.n_examples, dims))
 
 
 def decode_secure_update(meta: Mapping[str, Any], mean: Sequence[np.ndarray]) -> ClientUpdate | Exception:
