@@ -2,6 +2,7 @@
 at epsilon 1, 3 and 6, over several seeds; mean and spread of the final metric, and curves.
 
     python benchmarks/paper_table.py run   [--tasks sst2,qnli,mnli] [--epsilons 1,3,6] [--seeds 3] [--variants ...]
+                                           [--data-dir ../shared/data]
     python benchmarks/paper_table.py table [--out benchmarks/paper]
 
 `run` works through the grid in parts (any subset of tasks, epsilons, seeds and
@@ -66,12 +67,12 @@ def _finished(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def run(out: Path, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> None:
+def run(out: Path, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str) -> None:
     for task, eps, variant, seed, folder in cells(out, tasks, epsilons, seeds, variants):
         if _finished(folder):
             continue
         config = load_config(REPO / "configs" / "paper" / f"{task}.toml").with_overrides(
-            {**VARIANTS[variant], **privacy_overrides(eps), "seed": seed, "output_dir": str(folder)}
+            {**VARIANTS[variant], **privacy_overrides(eps), "seed": seed, "output_dir": str(folder), "data.dir": data_dir}
         )
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json"))
         started = time.perf_counter()
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; names with spaces allowed")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "paper")
+    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -138,7 +140,7 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     grid = (args.out, args.tasks.split(","), [float(e) for e in args.epsilons.split(",")], args.seeds, variants)
     if args.action == "run":
-        run(*grid)
+        run(*grid, args.data_dir)
     print(table(*grid))
 
 

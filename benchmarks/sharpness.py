@@ -1,7 +1,7 @@
 """Sharpness at the end of training, per method: the paper's flatter-minima claim, measured.
 
     python benchmarks/sharpness.py [--config configs/demo.toml] [--methods fedavg,ffa,rolora,aslora]
-                                   [--seeds 1] [--examples 64]
+                                   [--seeds 1] [--examples 64] [--data-dir ../shared/data]
 
 Trains each method on the config (same seeds, same shards), then, at the
 final global adapter, measures the training loss's Hessian in the LoRA
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,9 +58,10 @@ def main() -> None:
     parser.add_argument("--methods", default="fedavg,ffa,rolora,aslora")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    base = load_config(args.config)
+    base = load_config(args.config).with_overrides({"data.dir": args.data_dir})
     table = Table(title=f"Hessian of the training loss in the LoRA factors, at the end ({args.config.name})")
     for column in ("method", "seeds", "final metric", "top eigenvalue", "trace (Hutchinson)", "s"):
         table.add_column(column, justify="right")
