@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
-    """`flwr run .` (the [tool.flwr.app] of pyproject.toml) runs an experiment; we stop its SuperLink."""
+    """`flwr run .` (the [tool.flwr.app] of pyproject.toml) runs an experiment with every client; we stop
+    its SuperLink."""
     config = _small_synthetic(tmp_path, clients=3)
     home = tmp_path / "flwr-home"
     env = os.environ | {
@@ -126,7 +128,8 @@ def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
     }
     try:
         proc = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--run-config", f'config="{config}"'],
+            [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--run-config", f'config="{config}"',
+             "--federation-config", "num-supernodes=3"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -135,6 +138,8 @@ def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
             time.sleep(0.5)
         (summary,) = (tmp_path / "runs").glob("*/summary.json")
         assert json.loads(summary.read_text())["rounds_completed"] == 2
+        # one simulated SuperNode per client: none is lost (Flower's default of 2 would lose one every round)
+        assert all(r["clients"] == [0, 1, 2] and not r["rejected"] for r in metric_rows(summary.parent))
     finally:
         for pid in _processes("environ", str(home)):  # the detached local SuperLink outlives the run
             try:
@@ -142,3 +147,41 @@ def test_flwr_run_on_the_project_app(tmp_path: Path) -> None:
             except ProcessLookupError:
                 pass
     assert _none_left("environ", str(home))
+
+
+class _TwoNodeGrid:
+    """A Flower grid on which only the SuperNodes of partitions 0 and 1 ever connect."""
+
+    def get_node_ids(self) -> list[int]:
+        return [100, 101]
+
+    def send_and_receive(self, messages: list, timeout: float | None = None) -> list:
+        return [
+            SimpleNamespace(
+                has_error=lambda: False,
+                content={"node": {"partition-id": m.metadata.dst_node_id - 100}},
+                metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+            )
+            for m in messages
+        ]
+
+
+def test_missing_supernodes_are_named_with_the_fix(
+    tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer SuperNodes than clients (flwr run's default of 2): a warning says how many to start,
+    and the client without one is rejected with the reason, not waited on for ever."""
+    from aslora.engines import flower
+
+    # a real Message needs a running Flower app; the engine only reads where it goes
+    def message(content: object, dst_node_id: int, message_type: str) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst_node_id))
+
+    monkeypatch.setattr(flower, "Message", message)
+    setup = SimpleNamespace(config=tiny_config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 4)
+    engine = flower.FlowerEngine(_TwoNodeGrid(), context=None, setup=setup, wait_s=0.3)
+    with caplog.at_level("WARNING"):
+        assert engine._node_of(1) == 101
+    assert "only 2 of 4 SuperNodes" in caplog.text and "num-supernodes=4" in caplog.text
+    with pytest.raises(LookupError, match="partition-id=3"):
+        engine._node_of(3)

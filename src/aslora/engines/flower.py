@@ -200,9 +200,16 @@ class FlowerEngine:
         if not self._nodes:
             deadline = time.monotonic() + self.wait_s
             nodes = list(self.grid.get_node_ids())
-            while len(nodes) < self.config.data.num_clients and time.monotonic() < deadline:
+            wanted = self.config.data.num_clients
+            while len(nodes) < wanted and time.monotonic() < deadline:
                 time.sleep(0.2)
                 nodes = list(self.grid.get_node_ids())
+            if len(nodes) < wanted:  # e.g. `flwr run` on the local SuperLink, which simulates 2 by default
+                log.warning(
+                    "only %d of %d SuperNodes connected after %.0f s: the clients without one are rejected every "
+                    "round. Start one SuperNode per client (flwr run: --federation-config 'num-supernodes=%d').",
+                    len(nodes), wanted, self.wait_s, wanted,
+                )
             queries = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
             for reply in self.grid.send_and_receive(queries, timeout=self.wait_s):
                 if not reply.has_error():
