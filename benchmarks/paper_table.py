@@ -81,45 +81,57 @@ def run(out: Path, tasks: list[str], epsilons: list[float], seeds: int, variants
         print(f"{task} eps={eps:g} {variant} seed {seed}: {final} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def _block(out: Path, task: str, eps: float, by_seed: dict[str, dict[int, dict]]) -> list[str]:
+    """One (task, epsilon): the table over the seeds that every variant has finished, the other runs named."""
+    common = sorted(set.intersection(*(set(runs) for runs in by_seed.values())))
+    extra = {v: sorted(set(runs) - set(common)) for v, runs in by_seed.items() if set(runs) - set(common)}
+    some_run = next(iter(next(iter(by_seed.values())).values()))
+    # every method's own metrics (accuracy, eval loss); FedSA's personalised ones are in its summaries
+    metrics = [k for k in some_run["final_metrics"] if "/" not in k]
+    heading = f"{task}, no DP (reference: {NO_DP})" if math.isinf(eps) else f"{task}, epsilon {eps:g}"
+    lines = [f"## {heading}", ""]
+    if common:
+        summaries = {variant: [runs[s] for s in common] for variant, runs in by_seed.items()}
+        lines += ["| variant | seeds | " + " | ".join(metrics) + " | epsilon spent | wall s / run |",
+                  "|---" * (len(metrics) + 4) + "|"]
+        for variant, runs in summaries.items():
+            values = [f"{np.mean(v):.4f} +- {np.std(v):.4f}" for v in ([r["final_metrics"][m] for r in runs] for m in metrics)]
+            spent = "none (no DP)" if math.isinf(eps) else f"{max(r['epsilon'] for r in runs):.3f}"
+            wall = np.mean([r["wall_time_s"] for r in runs])
+            lines.append(f"| {variant} | {len(runs)} | " + " | ".join(values) + f" | {spent} | {wall:.0f} |")
+    if extra:
+        finals = "; ".join(f"{v} seed {s}: {by_seed[v][s]['final_metrics'][metrics[0]]:.4f}" for v, ss in extra.items() for s in ss)
+        lines += ["", f"Not in the table, so that every row averages the same seeds (final {metrics[0]}): {finals}."]
+    if common:
+        curves = {v: [r["metric_by_round"] for r in runs] for v, runs in summaries.items()}
+        plot = plot_comparison(curves, metrics[0], out / f"{task}-eps{eps:g}.png")
+        lines += ["", f"![{task} epsilon {eps:g}]({plot.name})"]
+    return [*lines, ""]
+
+
 def table(out: Path, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> Path:
     """TABLE.md: mean +- std of the final metrics per variant, one block per (task, epsilon)."""
-    lines = [
+    lines, total_wall = [], 0.0
+    for task in tasks:
+        for eps in epsilons:
+            by_seed: dict[str, dict[int, dict]] = {}
+            for _, _, variant, seed, folder in cells(out, [task], [eps], seeds, variants):
+                path = _finished(folder)
+                if path is not None:
+                    by_seed.setdefault(variant, {})[seed] = json.loads(path.read_text())
+            if by_seed:
+                lines += _block(out, task, eps, by_seed)
+                total_wall += sum(r["wall_time_s"] for runs in by_seed.values() for r in runs.values())
+    head = [
         "# The paper's comparison at CPU scale",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, torch CPU. Configs: configs/paper/<task>.toml.",
         "Commands: `python benchmarks/paper_table.py run` then `python benchmarks/paper_table.py table`.",
+        f"Total wall time of the runs found: {total_wall / 3600:.2f} h.",
         "",
     ]
-    total_wall = 0.0
-    for task in tasks:
-        for eps in epsilons:
-            summaries: dict[str, list[dict]] = {}
-            for _, _, variant, _, folder in cells(out, [task], [eps], seeds, variants):
-                path = _finished(folder)
-                if path is not None:
-                    summaries.setdefault(variant, []).append(json.loads(path.read_text()))
-            if not summaries:
-                continue
-            # every method's own metrics (accuracy, eval loss); FedSA's personalised ones are in its summaries
-            metrics = [k for k in next(iter(summaries.values()))[0]["final_metrics"] if "/" not in k]
-            heading = f"{task}, no DP (reference: {NO_DP})" if math.isinf(eps) else f"{task}, epsilon {eps:g}"
-            lines += [f"## {heading}", "", "| variant | seeds | " + " | ".join(metrics) +
-                      " | epsilon spent | wall s / run |", "|---" * (len(metrics) + 4) + "|"]
-            for variant, runs in summaries.items():
-                wall = [r["wall_time_s"] for r in runs]
-                total_wall += sum(wall)
-                values = [
-                    f"{np.mean(v):.4f} +- {np.std(v):.4f}"
-                    for v in ([r["final_metrics"][m] for r in runs] for m in metrics)
-                ]
-                spent = "none (no DP)" if math.isinf(eps) else f"{max(r['epsilon'] for r in runs):.3f}"
-                lines.append(f"| {variant} | {len(runs)} | " + " | ".join(values) + f" | {spent} | {np.mean(wall):.0f} |")
-            curves = {v: [r["metric_by_round"] for r in runs] for v, runs in summaries.items()}
-            plot = plot_comparison(curves, metrics[0], out / f"{task}-eps{eps:g}.png")
-            lines += ["", f"![{task} epsilon {eps:g}]({plot.name})", ""]
-    lines.insert(4, f"Total wall time of the runs tabulated: {total_wall / 3600:.2f} h.")
     path = out / "TABLE.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(head + lines) + "\n")
     return path
 
 
