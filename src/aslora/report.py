@@ -123,17 +123,19 @@ def _size(n: float) -> str:
 
 def plot_comparison(curves: dict[str, list[dict[int, dict[str, float]]]], metric: str, path: Path) -> Path:
     """Metric vs round per method: mean over seeds, shaded min-max."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, runs in curves.items():
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    # the default cycle repeats after 10 colours; the paper table has 11 variants
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (method, runs) in enumerate(curves.items()):
         rounds = sorted(set.intersection(*(set(r) for r in runs)))
         if not rounds:
             continue
         values = np.array([[run[r][metric] for r in rounds] for run in runs])
-        ax.plot(rounds, values.mean(0), marker="o", label=method)
+        ax.plot(rounds, values.mean(0), marker="o", label=method, color=colours(i))
         if len(runs) > 1:
-            ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2)
+            ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2, color=colours(i))
     ax.set(xlabel="round", ylabel=metric, title=f"{metric} of the global model")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")  # outside: never over a curve
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
