@@ -85,7 +85,7 @@ def run(out: Path, tasks: list[str], epsilons: list[float], seeds: int, variants
 def _block(out: Path, task: str, eps: float, by_seed: dict[str, dict[int, dict]]) -> list[str]:
     """One (task, epsilon): the table over the seeds that every variant has finished, the other runs named."""
     common = sorted(set.intersection(*(set(runs) for runs in by_seed.values())))
-    extra = {v: sorted(set(runs) - set(common)) for v, runs in by_seed.items() if set(runs) - set(common)}
+    extra = {v: others for v, runs in by_seed.items() if (others := sorted(set(runs) - set(common)))}
     some_run = next(iter(next(iter(by_seed.values())).values()))
     # every method's own metrics (accuracy, eval loss); FedSA's personalised ones are in its summaries
     metrics = [k for k in some_run["final_metrics"] if "/" not in k]
@@ -100,13 +100,12 @@ def _block(out: Path, task: str, eps: float, by_seed: dict[str, dict[int, dict]]
             spent = "none (no DP)" if math.isinf(eps) else f"{max(r['epsilon'] for r in runs):.3f}"
             wall = np.mean([r["wall_time_s"] for r in runs])
             lines.append(f"| {variant} | {len(runs)} | " + " | ".join(values) + f" | {spent} | {wall:.0f} |")
-    if extra:
-        finals = "; ".join(f"{v} seed {s}: {by_seed[v][s]['final_metrics'][metrics[0]]:.4f}" for v, ss in extra.items() for s in ss)
-        lines += ["", f"Not in the table, so that every row averages the same seeds (final {metrics[0]}): {finals}."]
-    if common:
         curves = {v: [r["metric_by_round"] for r in runs] for v, runs in summaries.items()}
         plot = plot_comparison(curves, metrics[0], out / f"{task}-eps{eps:g}.png")
         lines += ["", f"![{task} epsilon {eps:g}]({plot.name})"]
+    if extra:
+        finals = "; ".join(f"{v} seed {s}: {by_seed[v][s]['final_metrics'][metrics[0]]:.4f}" for v, ss in extra.items() for s in ss)
+        lines += ["", f"Not in the table, so that every row averages the same seeds (final {metrics[0]}): {finals}."]
     return [*lines, ""]
 
 
