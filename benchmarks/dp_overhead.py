@@ -11,12 +11,12 @@ client does once per round.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from data_dir import add_data_dir
 
 from aslora.adapters import LoraView
 from aslora.config import load_config
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    add_data_dir(parser)
     args = parser.parse_args()
 
     config = load_config(REPO / "configs" / "demo.toml").with_overrides(

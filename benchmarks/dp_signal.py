@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from pathlib import Path
 
 import datasets
 import torch
+from data_dir import add_data_dir
 from datasets import concatenate_datasets
 from rich.console import Console
 from rich.table import Table
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--configs", default=PAPER)
     parser.add_argument("--epsilons", default="1,3,6")
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    add_data_dir(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     epsilons = [float(e) for e in args.epsilons.split(",")]

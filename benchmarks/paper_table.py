@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from data_dir import add_data_dir
 
 from aslora.config import load_config
 from aslora.experiment import run_experiment
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; names with spaces allowed")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "paper")
-    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    add_data_dir(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

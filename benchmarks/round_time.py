@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.toml"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    add_data_dir(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from data_dir import add_data_dir
 from datasets import concatenate_datasets
 from rich.console import Console
 from rich.table import Table
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--runs", type=Path, help="measure the finished runs of one paper_table.py cell instead of training")
     parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--data-dir", default=os.environ.get("ASLORA_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    add_data_dir(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     source = args.runs or args.config
