@@ -13,8 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
+GLUE_TASKS = ("sst2", "qnli", "qqp", "rte", "mnli")
 TASKS = (
-    "sst2", "qnli", "qqp", "rte", "mnli",  # GLUE
+    *GLUE_TASKS,
     "squad", "squad_v2",  # extractive QA
     "cifar100", "tiny_imagenet",  # vision (ViT)
     "sst2_generation",  # SST-2 as generation with a decoder LM
@@ -40,6 +41,15 @@ class ModelConfig(_Section):
         description="'minilm' (embedded all-MiniLM-L6-v2), a local folder or a hub model id",
     )
     max_length: int = Field(64, ge=8, le=4096)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the frozen encoder's weights; LoRA factors, head and DP-SGD stay float32 (GLUE with a pooling)",
+    )
+    pooling: Literal["auto", "cls", "mean", "pooler"] = Field(
+        "auto",
+        description="the embedding a classifier reads: 'auto' = the model's declared sentence-transformers "
+        "pooling, else the architecture's own head (GLUE tasks only)",
+    )
 
 
 class LoraSettings(_Section):
@@ -47,7 +57,10 @@ class LoraSettings(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "value")
-    train_head: bool = True
+    train_head: bool = Field(True, description="false: the head stays at its seeded initialisation (the authors')")
+    head_init: Literal["random", "zero"] = Field(
+        "random", description="the classifier's output layer at start: the model's random init, or zeros"
+    )
     client_ranks: tuple[int, ...] = Field(
         (), description="per-client LoRA ranks (<= r), one per client; only FLoRA's stacking supports them"
     )
@@ -60,6 +73,11 @@ class LoraSettings(_Section):
     def _targets(self) -> LoraSettings:
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one module, e.g. ['query', 'value']")
+        if self.head_init == "zero" and not self.train_head:
+            raise ValueError(
+                "lora.head_init='zero' with train_head=false gives zero logits and zero gradients forever: "
+                "train the head, or keep head_init='random' (the authors' frozen random head)"
+            )
         return self
 
 
@@ -71,6 +89,9 @@ class DataConfig(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     train_subset: int = Field(0, ge=0, description="0 = all training examples")
     eval_subset: int = Field(0, ge=0, description="0 = the whole dev split")
+    validation_size: int = Field(
+        0, ge=0, description="N > 0: evaluate on N examples carved from the TRAINING set, not dev (for tuning)"
+    )
     holdout_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of each client's shard held out for personalised evaluation"
     )
@@ -102,7 +123,15 @@ class OptimConfig(_Section):
         "sgd", description="applied to the privatised gradient (post-processing, no privacy cost)"
     )
     lr: float = Field(0.5, gt=0)
-    batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
+    batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size (per client, or on average)")
+    batch_scaling: Literal["fixed", "by_size"] = Field(
+        "fixed",
+        description="'fixed': every client's expected batch is batch_size; 'by_size': one sampling rate "
+        "q = batch_size / mean client size, so each client's batch grows with its data and one sigma fits all",
+    )
+    micro_batch_size: int = Field(
+        0, ge=0, description="physical batch: a logical batch runs in chunks of at most this many (0 = whole)"
+    )
     eval_batch_size: int = Field(128, ge=1)
 
 
@@ -179,6 +208,21 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "synthetic: lora.r + synthetic.target_rank must not exceed synthetic.dim_in "
                 "(targets outside the row space of A need room there)"
+            )
+        if data.validation_size and data.task not in GLUE_TASKS:
+            raise ValueError(
+                f"data.validation_size carves a validation split from a GLUE training set; task "
+                f"'{data.task}' has none: set it to 0"
+            )
+        if self.model.dtype != "float32" and data.task not in GLUE_TASKS:
+            raise ValueError(
+                f"model.dtype={self.model.dtype!r} is offered for GLUE sentence classifiers; task "
+                f"'{data.task}' runs in float32: remove model.dtype"
+            )
+        if self.model.pooling != "auto" and data.task not in GLUE_TASKS:
+            raise ValueError(
+                f"model.pooling={self.model.pooling!r} chooses a sentence classifier's embedding; task "
+                f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {list(GLUE_TASKS)})"
             )
         ranks = self.lora.client_ranks
         if ranks:

@@ -63,6 +63,8 @@ def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | N
     missing = [m for m in lora.head_modules if m not in present]
     if missing:
         raise ValueError(f"lora.head_modules names {missing}, which {type(base).__name__} does not have; {head_hint}")
+    if lora.head_init == "zero":
+        _zero_output_layer(base, lora.head_modules)
     config = LoraConfig(
         task_type=task_type,
         r=lora.r,
@@ -79,3 +81,21 @@ def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | N
             f"lora.target_modules={list(lora.target_modules)}: {exc} The linear layers of "
             f"{type(base).__name__} here are named {linear}{'; ' + target_hint if target_hint else ''}"
         ) from None
+
+
+@torch.no_grad()
+def _zero_output_layer(base: torch.nn.Module, head_modules: tuple[str, ...]) -> None:
+    """Zero the head's output layer (its last Linear): the logits start at 0, the gradient at the head.
+
+    With a zero head every example's first gradient reaches the head only,
+    where DP-SGD's clipped signal is largest; LoRA starts to move once the head has.
+    """
+    linear = [
+        m for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(part in head_modules for part in name.split("."))
+    ]
+    if not linear:
+        raise ValueError(f"lora.head_init='zero': lora.head_modules {list(head_modules)} hold no Linear layer to zero")
+    linear[-1].weight.zero_()
+    if linear[-1].bias is not None:
+        linear[-1].bias.zero_()

@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained, resolve_model
 from aslora.tasks.common import DataNotFoundError, data_root, with_lora
+from aslora.tasks.pooling import pooled_classifier, resolve_pooling
 
 log = logging.getLogger(__name__)
 HUB_DATASET = "nyu-mll/glue"
@@ -134,6 +135,19 @@ def _normalise(split: datasets.Dataset, spec: GlueSpec, where: str) -> datasets.
     return split.select_columns([*spec.texts, "label"])
 
 
+def _carve_validation(
+    train: datasets.Dataset, size: int, seed: int
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """`size` training examples as the only evaluation split, the rest to train on: tuning never sees dev."""
+    if size >= len(train):
+        raise ValueError(
+            f"data.validation_size={size} leaves no training data ({len(train)} examples): use fewer"
+        )
+    split = train.train_test_split(test_size=size, seed=seed)
+    log.info("evaluating on %d examples carved from the training set (data.validation_size), not dev", size)
+    return split["train"], {"": split["test"]}
+
+
 def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], where: str) -> None:
     """Every example needs its texts and a label: say which rows lack one, before any training."""
     columns = [columns] if isinstance(columns, str) else list(columns)
@@ -166,6 +180,7 @@ class GlueTask:
     tokenizer: PreTrainedTokenizerBase
     model_path: str
     max_length: int
+    pooling: str | None  # see tasks/pooling.py; None: the architecture's own head
     metric: str = "accuracy"
     extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
 
@@ -179,6 +194,8 @@ class GlueTask:
             train, evals = _load_hub(config.data.task, spec, f"DIR/glue/{spec.folder}/")
         train = _normalise(train, spec, f"GLUE/{spec.folder} train")
         evals = {name: _normalise(split, spec, f"GLUE/{spec.folder} {name or 'dev'}") for name, split in evals.items()}
+        if config.data.validation_size:
+            train, evals = _carve_validation(train, config.data.validation_size, config.seed)
         if config.data.train_subset:
             train = train.shuffle(seed=config.seed).select(range(min(config.data.train_subset, len(train))))
         if config.data.eval_subset:
@@ -202,6 +219,7 @@ class GlueTask:
             tokenizer=load_pretrained(AutoTokenizer.from_pretrained, config.model.name),
             model_path=resolve_model(config.model.name),
             max_length=config.model.max_length,
+            pooling=resolve_pooling(config.model.pooling, resolve_model(config.model.name), config.model.dtype),
             extra_evals=evals,
         )
 
@@ -217,16 +235,37 @@ class GlueTask:
         labels = torch.tensor(split["label"], dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
-    encode_train = encode  # one row per example already
+    def encode_train(self, split: datasets.Dataset) -> TensorDataset:
+        """`encode`, its rows sorted by token count.
+
+        Poisson sampling draws each row independently and yields the drawn
+        rows in index order, so every logical batch comes out sorted by
+        length and its micro-batches (optim.micro_batch_size) carry little
+        padding. The order is a fixed function of the data and changes no
+        example's chance of being drawn; the padding only changes how the
+        same sum of clipped gradients is computed.
+        """
+        data = self.encode(split)
+        order = torch.argsort(data.tensors[1].sum(dim=1), stable=True)
+        return TensorDataset(*(t[order] for t in data.tensors))
 
     def build_model(self, config: ExperimentConfig) -> PeftModel:
-        """The pretrained encoder with a fresh head and LoRA adapters, seeded."""
+        """The pretrained encoder with a fresh head and LoRA adapters, seeded.
+
+        With a pooling (`model.pooling`, see tasks/pooling.py) the head is one
+        `classifier` Linear over that embedding; without, the architecture's
+        own sequence-classification head.
+        """
         torch.manual_seed(config.seed)
-        base = load_pretrained(
-            AutoModelForSequenceClassification.from_pretrained, self.model_path, num_labels=self.num_labels
-        )
-        hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
-        return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
+        if self.pooling is None:
+            base = load_pretrained(
+                AutoModelForSequenceClassification.from_pretrained, self.model_path, num_labels=self.num_labels
+            )
+            hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
+            return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
+        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, config.model.dtype)
+        hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and the encoder's 'pooler')"
+        return with_lora(base, config.lora, None, hint)
 
     @staticmethod
     def _inputs(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,149 @@
+"""The classifier reads the embedding the encoder was trained for; its head can start at zero or stay frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from sentence_transformers import SentenceTransformer
+
+from aslora.adapters import LoraView
+from aslora.checkpoint import load_checkpoint
+from aslora.config import ConfigError, load_config
+from aslora.experiment import run_experiment
+from aslora.pretrained import resolve_model
+from aslora.tasks import load_task
+from aslora.tasks.pooling import POOLINGS, declared_pooling, pooled_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(data_dir: Path, **overrides):
+    return load_config(REPO / "configs" / "demo.toml").with_overrides(
+        {"data.dir": str(data_dir), "data.train_subset": 64, "data.eval_subset": 16, "model.max_length": 32}
+        | overrides
+    )
+
+
+def test_minilm_declares_mean_pooling() -> None:
+    assert declared_pooling(resolve_model("minilm")) == "mean"
+
+
+def test_auto_pooling_is_sentence_transformers_embedding(data_dir: Path) -> None:
+    """Our 'auto' embedding of MiniLM equals sentence-transformers' own (before its Normalize)."""
+    task = load_task(_config(data_dir))
+    assert task.pooling == "mean"
+    model = pooled_classifier(task.model_path, task.pooling, 2).eval()
+    texts = ["a gripping , funny film", "dull", "it is neither here nor there , and long"]
+    enc = task.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.embed(enc["input_ids"], enc["attention_mask"])
+    reference = SentenceTransformer(task.model_path, device="cpu")
+    theirs = reference.encode(texts, convert_to_tensor=True, normalize_embeddings=False)
+    # the wheel's pipeline ends in Normalize: compare directions, and check it is the mean
+    torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), torch.nn.functional.normalize(theirs, dim=-1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", [p for p in POOLINGS if p != "auto"])
+def test_every_pooling_builds_and_differs(data_dir: Path, pooling: str) -> None:
+    task = load_task(_config(data_dir, **{"model.pooling": pooling}))
+    view = LoraView(task.build_model(_config(data_dir, **{"model.pooling": pooling})))
+    batch = task.encode(task.eval)[:4]
+    with torch.no_grad():
+        inner = view.model.base_model.model
+        emb = inner.embed(*batch[:2])
+    assert emb.shape == (4, 384)
+    assert set(view.head) == {"classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"}
+
+
+def test_zero_head_starts_at_zero_logits(data_dir: Path) -> None:
+    config = _config(data_dir, **{"lora.head_init": "zero"})
+    task = load_task(config)
+    view = LoraView(task.build_model(config))
+    with torch.no_grad():
+        logits = view.model(**task._inputs(task.encode(task.eval)[:4])).logits
+    assert torch.count_nonzero(logits) == 0
+
+
+def test_bad_pooling_and_head_fail_before_training(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="head_init='zero' with train_head=false"):
+        _config(data_dir, **{"lora.head_init": "zero", "lora.train_head": False})
+    with pytest.raises(ConfigError, match="model.pooling"):
+        _config(data_dir, **{"model.pooling": "mean", "data.task": "synthetic"})
+    with pytest.raises(ConfigError, match="auto, cls, mean, pooler|'auto', 'cls', 'mean' or 'pooler'"):
+        _config(data_dir, **{"model.pooling": "max"})
+    with pytest.raises(ValueError, match="does not have"):
+        config = _config(data_dir, **{"lora.head_modules": ["score"]})
+        load_task(config).build_model(config)
+
+
+def test_frozen_head_exports_and_reloads_to_the_same_logits(data_dir: Path, tmp_path: Path) -> None:
+    """A run with the authors' frozen random head: the PEFT export carries that head, logits match exactly."""
+    config = _config(
+        data_dir,
+        **{
+            "output_dir": str(tmp_path),
+            "lora.train_head": False,
+            "data.num_clients": 2,
+            "federation.rounds": 1,
+            "federation.clients_per_round": 2,
+            "federation.local_steps": 2,
+            "optim.batch_size": 8,
+            "method": "aslora",
+        },
+    )
+    result = run_experiment(config)
+    task = load_task(config)
+    data = task.encode(task.eval)[:8]
+    final = load_checkpoint(result.directory).state  # the federation's global model after the last round
+    trained = LoraView(task.build_model(config))
+    trained.set_factors(final.factors)
+    trained.set_head(final.head)
+    # The reload a user writes (README): the same base as the run, then PEFT's own loader.
+    torch.manual_seed(12345)  # another head init: the export must bring the run's own head
+    base = pooled_classifier(resolve_model("minilm"), "mean", 2)
+    fresh_head = base.classifier.weight.detach().clone()
+    reloaded = PeftModel.from_pretrained(base, str(result.directory / "adapter")).eval()
+    trained.model.eval()
+    with torch.no_grad():
+        expected = trained.model(**task._inputs(data)).logits
+        got = reloaded(**task._inputs(data)).logits
+    run_head = next(v for k, v in final.head.items() if k.endswith("weight"))
+    assert not torch.allclose(fresh_head, run_head)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_encoder_keeps_dp_sgd_in_float32(data_dir: Path) -> None:
+    """A bfloat16 frozen encoder: LoRA, head and per-sample gradients stay float32; logits near float32's."""
+    from opacus import GradSampleModule
+
+    logits, grads = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = _config(data_dir, **{"model.dtype": dtype})
+        task = load_task(config)
+        view = LoraView(task.build_model(config))
+        params = view.set_trainable({layer: ("B",) for layer in view.layers}, train_head=True)
+        assert {p.dtype for p in params} == {torch.float32}
+        view.set_factors({layer: {"B": torch.full_like(view.parameter(layer, "B"), 0.01)} for layer in view.layers})
+        batch = task.encode(task.eval)[:8]
+        for m in view.model.modules():  # Opacus records in train mode; without dropout both see one function
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        module = GradSampleModule(view.model, batch_first=True, loss_reduction="mean")
+        module.train()
+        out = module(**task._inputs(batch))
+        out.loss.backward()
+        logits[dtype] = out.logits.detach()
+        grads[dtype] = params[0].grad_sample.detach().clone()
+        assert grads[dtype].dtype == torch.float32
+        module.to_standard_module()
+    torch.testing.assert_close(logits["bfloat16"], logits["float32"], rtol=0.05, atol=0.02)
+    cosine = torch.nn.functional.cosine_similarity(grads["bfloat16"].flatten(1), grads["float32"].flatten(1), dim=1)
+    assert float(cosine.min()) > 0.98
+
+
+def test_bfloat16_needs_a_pooled_classifier(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="model.dtype"):
+        _config(data_dir, **{"model.dtype": "bfloat16", "data.task": "synthetic"})
