@@ -30,7 +30,7 @@ def time_steps(task, view, params, data, batch, dp: DPSettings, steps: int, opti
     """Seconds per optimiser step (forward, backward, clip/noise if DP, update)."""
     times = []
     generator = torch.Generator().manual_seed(0)
-    with private_training(view.model, params, data, len(batch[-1]), optimizer, 1e-3, dp, new_accountant("rdp"), generator) as s:
+    with private_training(view.model, params, data, len(batch[-1]) / len(data), optimizer, 1e-3, dp, new_accountant("rdp"), generator) as s:
         s.module.train()
         for i in range(steps + 3):
             start = time.perf_counter()
@@ -46,7 +46,7 @@ def time_attach(view, params, data, dp: DPSettings, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        with private_training(view.model, params, data, 32, "sgd", 1e-3, dp, new_accountant("rdp"), torch.Generator()):
+        with private_training(view.model, params, data, 32 / len(data), "sgd", 1e-3, dp, new_accountant("rdp"), torch.Generator()):
             pass
         times.append(time.perf_counter() - start)
     return statistics.median(times)

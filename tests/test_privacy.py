@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from aslora.adapters import LoraView
 from aslora.cli import app
+from aslora.client import LocalSettings, _logical_step
 from aslora.config import ExperimentConfig, load_config
 from aslora.privacy import (
     RDP_ORDERS,
@@ -66,7 +67,7 @@ def _dp_step(task, view, params, data, batch, clip):
     """One Opacus DP-SGD step with zero noise on a fixed batch; returns the gradient it applied."""
     dp = DPSettings(enabled=True, noise_multiplier=0.0, clip=clip)
     generator = torch.Generator().manual_seed(0)
-    with private_training(view.model, params, data, 16, "sgd", 0.0, dp, new_accountant("rdp"), generator) as s:
+    with private_training(view.model, params, data, 16 / len(data), "sgd", 0.0, dp, new_accountant("rdp"), generator) as s:
         s.module.train()  # Opacus records activations in train mode only
         s.optimizer.zero_grad(set_to_none=True)
         task.loss(s.module, batch).backward()
@@ -146,7 +147,7 @@ def test_added_noise_has_the_configured_standard_deviation(task_and_view) -> Non
     params = view.set_trainable({layer: ("A", "B") for layer in view.layers}, train_head=True)
     sigma, clip = 1.3, 0.7
     dp = DPSettings(enabled=True, noise_multiplier=sigma, clip=clip)
-    with private_training(view.model, params, data, 16, "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator().manual_seed(5)) as s:
+    with private_training(view.model, params, data, 16 / len(data), "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator().manual_seed(5)) as s:
         s.module.train()
         s.optimizer.zero_grad(set_to_none=True)
         (0.0 * s.module(**task._inputs(data[:8])).logits.sum()).backward()
@@ -167,7 +168,7 @@ def test_dp_sgd_without_noise_or_clipping_is_plain_sgd(task_and_view) -> None:
     grads = {}
     for enabled in (True, False):
         dp = DPSettings(enabled=enabled, noise_multiplier=0.0, clip=1e9)
-        with private_training(view.model, params, data, 16, "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
+        with private_training(view.model, params, data, 16 / len(data), "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
             s.module.train()
             s.optimizer.zero_grad(set_to_none=True)
             task.loss(s.module, batch).backward()
@@ -202,3 +203,55 @@ def test_a_dp_round_stays_within_the_update_norm_bound(tmp_path: Path, optimizer
             local.batch_size, update.n_examples, dims,
         )
         assert 0 < moved <= bound < 20 * moved
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_micro_batches_give_the_one_pass_step_and_account_once(task_and_view, enabled: bool) -> None:
+    """A logical batch in micro-batches of 3: the same clipped mean gradient, one accounted step."""
+    task, view = task_and_view
+    data = task.encode_train(task.train)
+    batch = data[:16]
+    params = view.set_trainable({layer: ("A", "B") for layer in view.layers}, train_head=True)
+    dp = DPSettings(enabled=enabled, noise_multiplier=0.0, clip=0.05)  # a clip that binds
+    grads, histories = {}, {}
+    for micro in (0, 3):
+        settings = LocalSettings(1, 16, 0.0, "sgd", dp, "rdp", True, micro_batch_size=micro)
+        accountant = new_accountant("rdp")
+        with private_training(view.model, params, data, 16 / len(data), "sgd", 0.0, dp, accountant, torch.Generator()) as s:
+            s.module.train()
+            s.optimizer.zero_grad(set_to_none=True)
+            _logical_step(s, batch, task.loss, settings)
+            grads[micro] = [p.grad.detach().clone() for p in params]
+        histories[micro] = accountant.history
+    for whole, parts in zip(grads[0], grads[3], strict=True):
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-7)
+    assert histories[3] == histories[0] == ([(0.0, 16 / len(data), 1)] if enabled else [])
+
+
+def test_batch_scaling_by_size_gives_every_client_one_rate_and_less_noise(data_dir: Path) -> None:
+    """'by_size': q = b / mean size for all; sigma no higher than 'fixed', which calibrates for the smallest."""
+    from aslora.experiment import local_settings, plan_privacy
+
+    sizes = [500, 2000, 8000]
+    plans = {}
+    for scaling in ("fixed", "by_size"):
+        config = load_config(REPO / "configs" / "demo.toml").with_overrides(
+            {"optim.batch_scaling": scaling, "optim.batch_size": 100, "data.num_clients": 3, "federation.clients_per_round": 3}
+        )
+        local = local_settings(config, sizes, DPSettings(False, 0.0, 1.0))
+        plans[scaling] = (local, plan_privacy(config, sizes, local))
+    fixed, by_size = plans["fixed"][0], plans["by_size"][0]
+    assert [fixed.rate(n) for n in sizes] == [100 / 500, 100 / 2000, 100 / 8000]
+    assert {by_size.rate(n) for n in sizes} == {100 / (10500 / 3)}
+    assert [by_size.expected_batch(n) for n in sizes] == pytest.approx([n * 300 / 10500 for n in sizes])
+    assert plans["by_size"][1].noise_multiplier < plans["fixed"][1].noise_multiplier
+    assert plans["by_size"][1].max_sample_rate == pytest.approx(300 / 10500)
+
+
+def test_batch_scaling_by_size_refuses_a_rate_of_one() -> None:
+    from aslora.config import ConfigError
+    from aslora.experiment import local_settings
+
+    config = load_config(REPO / "configs" / "demo.toml").with_overrides({"optim.batch_scaling": "by_size", "optim.batch_size": 600})
+    with pytest.raises(ConfigError, match="optim.batch_size=600 is not below the mean client size"):
+        local_settings(config, [300, 500], DPSettings(False, 0.0, 1.0))

@@ -13,9 +13,11 @@ from aslora.adapters import FACTORS, LoraView
 from aslora.methods.base import ClientUpdate, GlobalState, Mask
 from aslora.privacy import (
     DPSettings,
+    TrainingSession,
     mark_empty_batch,
     new_accountant,
     private_training,
+    sample_rate,
     update_norm_bound,
 )
 from aslora.selection import LastStepTracker, MomentTracker
@@ -34,11 +36,23 @@ class LocalSettings:
     dp: DPSettings
     accountant: str
     train_head: bool
+    micro_batch_size: int = 0  # 0: the logical batch in one pass
+    common_rate: float | None = None  # optim.batch_scaling 'by_size': every client samples at this rate
+
+    def rate(self, n_examples: int) -> float:
+        """The Poisson sampling rate q of a client with `n_examples`: the one definition that DP-SGD,
+        the accountant, the score's noise variance and the norm bound all use."""
+        return self.common_rate if self.common_rate is not None else sample_rate(self.batch_size, n_examples)
+
+    def expected_batch(self, n_examples: int) -> float:
+        """q n: the expected Poisson batch of that client, by which DP-SGD divides its summed gradient."""
+        return self.rate(n_examples) * n_examples
 
     def norm_bound(self, n_examples: int, dims: int) -> float:
         """How far one round of this training can move `dims` parameters of a client with `n_examples`."""
         return update_norm_bound(
-            self.steps, self.lr, self.optimizer, self.dp.clip, self.dp.noise_multiplier, self.batch_size, n_examples, dims
+            self.steps, self.lr, self.optimizer, self.dp.clip, self.dp.noise_multiplier,
+            self.expected_batch(n_examples), n_examples, dims,
         )
 
 
@@ -89,6 +103,36 @@ def _restrict_rank(view: LoraView, rank: int, then: Callable[[], None] | None) -
     return hook
 
 
+def _logical_step(
+    session: TrainingSession, batch: tuple[torch.Tensor, ...], loss_fn: LossFn, settings: LocalSettings
+) -> float:
+    """One optimiser step over a logical (Poisson) batch, in micro-batches of consecutive rows.
+
+    Under DP, each micro-batch's per-sample gradients are clipped and summed
+    by Opacus (a skipped step), and only the last adds the noise, divides by
+    the expected batch size, and is accounted: the same step as one pass,
+    with memory bounded by the micro-batch. Without DP the gradients of the
+    micro-batches' losses, weighted by their share, add up to the batch mean.
+    Returns the batch's mean loss.
+    """
+    size = len(batch[-1])
+    chunk = settings.micro_batch_size or size
+    starts = range(0, size, chunk)
+    total = 0.0
+    for start in starts:
+        part = tuple(t[start : start + chunk] for t in batch)
+        share = len(part[-1]) / size
+        loss = loss_fn(session.module, part)
+        (loss if settings.dp.enabled else loss * share).backward()
+        total += float(loss.detach()) * share
+        if start + chunk < size and settings.dp.enabled:
+            session.optimizer.signal_skip_step(do_skip=True)
+            session.optimizer.step()  # clips and accumulates this micro-batch, takes no step
+            session.optimizer.zero_grad(set_to_none=True)
+    session.step()
+    return total
+
+
 def train_client(
     view: LoraView,
     data: TensorDataset,
@@ -136,7 +180,7 @@ def train_client(
     accountant = new_accountant(settings.accountant)
     losses, seen = [], 0
     with private_training(
-        view.model, params, data, settings.batch_size, settings.optimizer, settings.lr, settings.dp,
+        view.model, params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
         accountant, generator, on_gradient,
     ) as session:
         session.module.train()
@@ -150,10 +194,7 @@ def train_client(
                     mark_empty_batch(params)
                     session.step()
                 continue
-            loss = loss_fn(session.module, batch)
-            loss.backward()
-            session.step()
-            losses.append(float(loss.detach()))
+            losses.append(_logical_step(session, batch, loss_fn, settings))
             seen += size
     trained = {
         layer: {f: view.parameter(layer, f).detach().clone() for f in factors}

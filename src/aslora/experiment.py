@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
 from aslora.methods import GlobalState, Method, MethodContext, get_method
 from aslora.partition import hold_out, partition
-from aslora.privacy import DPSettings, calibrate_noise, epsilon_for, sample_rate
+from aslora.privacy import DPSettings, calibrate_noise, epsilon_for
 from aslora.results import RunDirectory
 from aslora.server import Engine, Federation, RoundRecord, ServerSettings
 from aslora.tasks import Task, load_task
@@ -43,8 +43,8 @@ class PrivacyPlan:
     budget: float | None
 
 
-def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
-    """Calibrate sigma for the most exposed client (largest b/n) over its expected steps.
+def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: LocalSettings) -> PrivacyPlan:
+    """Calibrate sigma for the most exposed client (largest q) over its expected steps.
 
     A client's expected participations are rounds * m / N (rounded up); the
     server enforces the budget at run time for clients sampled more often.
@@ -53,7 +53,7 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPl
     p, fed = config.privacy, config.federation
     participations = math.ceil(fed.rounds * fed.clients_per_round / config.data.num_clients)
     steps = fed.local_steps * participations
-    q = max(sample_rate(config.optim.batch_size, n) for n in client_sizes)
+    q = max(local.rate(n) for n in client_sizes)
     if not p.enabled:
         return PrivacyPlan(False, 0.0, q, steps, None, p.delta, None)
     if p.noise_multiplier is not None:
@@ -74,6 +74,7 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int]) -> PrivacyPl
 
 def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodContext:
     """The run as methods see it: selection settings, step size, local steps, DP noise, seed."""
+    # the nominal expected batch (with batch_scaling "by_size", the mean over clients)
     noise_std = privacy.noise_multiplier * config.privacy.clip / config.optim.batch_size
     return MethodContext(
         selection=config.selection,
@@ -134,21 +135,39 @@ class Setup:
         return get_method(self.config.method, method_context(self.config, self.privacy))
 
 
+def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSettings) -> LocalSettings:
+    """How every client trains; with optim.batch_scaling 'by_size', one sampling rate for all."""
+    common = None
+    if config.optim.batch_scaling == "by_size":
+        mean = sum(client_sizes) / len(client_sizes)
+        if config.optim.batch_size >= mean:
+            raise ConfigError(
+                f"optim.batch_scaling='by_size': optim.batch_size={config.optim.batch_size} is not below the "
+                f"mean client size {mean:.0f}, so the sampling rate would reach 1: lower batch_size"
+            )
+        common = config.optim.batch_size / mean
+    return LocalSettings(
+        steps=config.federation.local_steps,
+        batch_size=config.optim.batch_size,
+        lr=config.optim.lr,
+        optimizer=config.optim.optimizer,
+        dp=dp,
+        accountant=config.privacy.accountant,
+        train_head=config.lora.train_head,
+        micro_batch_size=config.optim.micro_batch_size,
+        common_rate=common,
+    )
+
+
 def prepare(config: ExperimentConfig) -> Setup:
     """Data, client shards, privacy plan, model and client settings, all from the seed."""
     task = load_task(config)
     shards = partition(task.train, config.data, config.seed, min_size=config.optim.batch_size)
     shards, held_out = hold_out(shards, config.data.holdout_fraction, config.seed)
-    privacy = plan_privacy(config, [len(s) for s in shards])
-    local = LocalSettings(
-        steps=config.federation.local_steps,
-        batch_size=config.optim.batch_size,
-        lr=config.optim.lr,
-        optimizer=config.optim.optimizer,
-        dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip),
-        accountant=config.privacy.accountant,
-        train_head=config.lora.train_head,
-    )
+    sizes = [len(s) for s in shards]
+    local = local_settings(config, sizes, DPSettings(False, 0.0, config.privacy.clip))
+    privacy = plan_privacy(config, sizes, local)
+    local = replace(local, dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip))
     return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local)
 
 

@@ -148,7 +148,7 @@ def private_training(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
     dataset: Dataset,
-    batch_size: int,
+    rate: float,
     optimizer_name: str,
     lr: float,
     dp: DPSettings,
@@ -158,14 +158,13 @@ def private_training(
 ) -> Iterator[TrainingSession]:
     """Attach Opacus to `model` for one round; detach and clean up afterwards.
 
-    The data loader always Poisson-samples (rate b/n) so that DP and non-DP
+    The data loader always Poisson-samples at `rate` so that DP and non-DP
     runs see the same batches. With DP on, every optimiser step clips each
     example's gradient over `params` jointly to `dp.clip`, adds Gaussian noise
     of std `sigma * clip`, divides by the expected batch size, and records the
     step in `accountant`. `on_gradient` runs on every step's final gradient,
     before the optimiser applies it.
     """
-    rate = sample_rate(batch_size, len(dataset))
     loader = DPDataLoader(dataset, sample_rate=rate, generator=generator)
     optimizer = OPTIMIZERS[optimizer_name](params, lr=lr)
     if not dp.enabled:
@@ -176,7 +175,9 @@ def private_training(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.clip,
-        expected_batch_size=max(1, int(len(dataset) * rate)),
+        # q n exactly (Opacus's own make_private rounds it down to an int, which would make
+        # the noise std and the mean differ from what nu and the norm bound assume)
+        expected_batch_size=len(dataset) * rate,
         generator=generator,
     )
     account = accountant.get_optimizer_hook_fn(sample_rate=rate)
@@ -205,7 +206,7 @@ def update_norm_bound(
     optimizer: str,
     clip: float,
     noise_multiplier: float,
-    batch_size: int,
+    batch_size: float,
     n_examples: int,
     dims: int,
     failure: float = 1e-9,

@@ -250,7 +250,7 @@ class Federation:
     def _round_cost(self, client: int) -> list[tuple[float, float, int]]:
         """What one round of DP-SGD costs a client, as the server planned it."""
         local = self.settings.local
-        return [(local.dp.noise_multiplier, min(1.0, local.batch_size / self.sizes[client]), local.steps)]
+        return [(local.dp.noise_multiplier, local.rate(self.sizes[client]), local.steps)]
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
         """What the client must receive: every tensor that changed since it last synced."""
