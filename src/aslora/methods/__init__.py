@@ -21,6 +21,10 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
     "aslora first_order": {"method": "aslora", "selection.score": "first_order"},
     "aslora random": {"method": "aslora", "selection.score": "random"},
+    # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
+    "aslora official": {
+        "method": "aslora", "selection.rule": "official", "selection.granularity": "group", "selection.groups": ["block"],
+    },
 }
 
 
