@@ -1,10 +1,10 @@
 """Peak memory and time per example of DP-SGD as the expected Poisson batch grows, and over rounds.
 
-    python benchmarks/batch_memory.py batches [--batches 128,512,2048] [--micro 128] [--steps 3]
+    python benchmarks/batch_memory.py batches [--batches 128,512,2048] [--micro 128] [--steps 3] [--dtype bfloat16]
     python benchmarks/batch_memory.py rounds  [--config configs/paper/authors-sst2-minilm.toml] [--rounds 6]
 
-`batches`: one client of SST-2 (20,000 training examples) with MiniLM, LoRA
-on query/value, trains `--steps` DP-SGD steps at each expected batch size,
+`batches`: one client of SST-2 (20,000 training examples) with MiniLM as in
+configs/paper/sst2.toml (LoRA on query/value; texts up to 128 tokens), trains `--steps` DP-SGD steps at each expected batch size,
 each in a fresh process so that its peak resident memory (ru_maxrss) is its
 own; micro-batches of `--micro` (0: the whole batch in one pass).
 `rounds`: the given config runs for `--rounds` rounds while a sampler thread
@@ -36,7 +36,7 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
-def one_batch_size(batch: int, micro: int, steps: int, data_dir: str) -> dict[str, float]:
+def one_batch_size(batch: int, micro: int, steps: int, dtype: str, data_dir: str) -> dict[str, float]:
     """Run in a child process: train `steps` DP steps of expected batch `batch`; peak RSS and s/example."""
     import torch
 
@@ -47,8 +47,8 @@ def one_batch_size(batch: int, micro: int, steps: int, data_dir: str) -> dict[st
     from aslora.privacy import DPSettings
     from aslora.tasks import load_task
 
-    config = load_config(REPO / "configs" / "demo.toml").with_overrides(
-        {"data.dir": data_dir, "data.train_subset": 20_000, "model.max_length": 128, "lora.alpha": 8}
+    config = load_config(REPO / "configs" / "paper" / "sst2.toml").with_overrides(
+        {"data.dir": data_dir, "data.train_subset": 20_000, "model.max_length": 128, "model.dtype": dtype}
     )
     task = load_task(config)
     view = LoraView(task.build_model(config))
@@ -68,12 +68,13 @@ def one_batch_size(batch: int, micro: int, steps: int, data_dir: str) -> dict[st
     }
 
 
-def batches(sizes: list[int], micro: int, steps: int, data_dir: str) -> None:
-    print(f"expected batch -> peak memory, time per example (micro-batch {micro or 'none'}, {steps} steps, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
+def batches(sizes: list[int], micro: int, steps: int, dtype: str, data_dir: str) -> None:
+    print(f"expected batch -> peak memory, time per example (configs/paper/sst2.toml, max_length 128, "
+          f"encoder {dtype}, micro-batch {micro or 'none'}, {steps} steps, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f})")
     for size in sizes:
         child = subprocess.run(
-            [sys.executable, __file__, "_child", str(size), str(micro), str(steps), "--data-dir", data_dir],
+            [sys.executable, __file__, "_child", str(size), str(micro), str(steps), dtype, "--data-dir", data_dir],
             capture_output=True, text=True, check=True,
         )
         row = json.loads(child.stdout.strip().splitlines()[-1])
@@ -114,7 +115,7 @@ def rounds(config_path: Path, n_rounds: int, data_dir: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         batch, micro, steps = (int(x) for x in sys.argv[2:5])
-        print(json.dumps(one_batch_size(batch, micro, steps, sys.argv[-1])))
+        print(json.dumps(one_batch_size(batch, micro, steps, sys.argv[5], sys.argv[-1])))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +123,7 @@ def main() -> None:
     b.add_argument("--batches", default="128,256,512,1024,2048")
     b.add_argument("--micro", type=int, default=128)
     b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     add_data_dir(b)
     r = sub.add_parser("rounds")
     r.add_argument("--config", type=Path, default=REPO / "configs" / "paper" / "authors-sst2-minilm.toml")
@@ -129,7 +131,7 @@ def main() -> None:
     add_data_dir(r)
     args = parser.parse_args()
     if args.command == "batches":
-        batches([int(x) for x in args.batches.split(",")], args.micro, args.steps, args.data_dir)
+        batches([int(x) for x in args.batches.split(",")], args.micro, args.steps, args.dtype, args.data_dir)
     else:
         rounds(args.config, args.rounds, args.data_dir)
 

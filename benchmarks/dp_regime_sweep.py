@@ -8,7 +8,7 @@ carved from the TRAINING data (data.validation_size), never on dev.
 The grid file names each point of the sweep and its overrides of the base
 config (dotted keys, as `[points.NAME]` tables). `run` appends one JSON line
 per finished point to the results file beside the grid (`<grid>.jsonl`) and
-skips points already there, so it can be stopped and run again; `table`
+skips (config, point) pairs already there, so it can be stopped and run again; `table`
 prints the points best first, with the settings that differ.
 """
 
@@ -30,7 +30,6 @@ from rich.table import Table
 from aslora.config import load_config
 from aslora.experiment import run_experiment
 
-VALIDATION = 2000  # examples carved from the training set; standard error about 0.011 at 0.75
 
 
 def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
@@ -51,21 +50,25 @@ def load_grid(path: Path) -> dict[str, dict[str, object]]:
     return {name: _flatten(body) for name, body in points.items()}
 
 
-def done(results: Path) -> set[str]:
+def done(results: Path) -> set[tuple[str, str]]:
+    """(config, point) of every finished row: one grid may serve several base configs."""
     if not results.is_file():
         return set()
-    return {json.loads(line)["point"] for line in results.read_text().splitlines() if line.strip()}
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(r["config"], r["point"]) for r in rows}
 
 
-def run(config_path: Path, grid_path: Path, only: list[str], threads: int, data_dir: str, out: Path) -> None:
+def run(
+    config_path: Path, grid_path: Path, only: list[str], threads: int, validation: int, data_dir: str, out: Path
+) -> None:
     torch.set_num_threads(threads)
     results = grid_path.with_suffix(".jsonl")
     finished = done(results)
     for name, overrides in load_grid(grid_path).items():
-        if name in finished or (only and name not in only):
+        if (str(config_path), name) in finished or (only and name not in only):
             continue
         config = load_config(config_path).with_overrides(
-            {"data.validation_size": VALIDATION, "data.dir": data_dir, "output_dir": str(out / name)} | overrides
+            {"data.validation_size": validation, "data.dir": data_dir, "output_dir": str(out / name)} | overrides
         )
         started = time.perf_counter()
         result = run_experiment(config)
@@ -112,13 +115,15 @@ def main() -> None:
     go.add_argument("--grid", type=Path, required=True)
     go.add_argument("--only", default="", help="comma-separated point names")
     go.add_argument("--threads", type=int, default=2)
+    go.add_argument("--validation", type=int, default=2000, help="examples carved from train (2,000: s.e. 0.01)")
     go.add_argument("--out", type=Path, default=Path("runs/sweep"))
     add_data_dir(go)
     show = sub.add_parser("table")
     show.add_argument("--results", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "run":
-        run(args.config, args.grid, [p for p in args.only.split(",") if p], args.threads, args.data_dir, args.out)
+        only = [p for p in args.only.split(",") if p]
+        run(args.config, args.grid, only, args.threads, args.validation, args.data_dir, args.out)
     else:
         table(args.results)
 

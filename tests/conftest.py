@@ -25,7 +25,7 @@ def data_dir() -> Path:
 @pytest.fixture
 def tiny_config(data_dir: Path, tmp_path: Path) -> ExperimentConfig:
     """The demo experiment shrunk to seconds: 4 clients, short texts, a data subset."""
-    return load_config(REPO / "configs" / "demo.toml").with_overrides(
+    return load_config(REPO / "tests" / "base.toml").with_overrides(
         {
             "output_dir": str(tmp_path / "runs"),
             "data.dir": str(data_dir),

@@ -24,14 +24,14 @@ def _leaves(raw: dict, prefix: str = "") -> list[str]:
 
 
 def test_fuzzed_configs_fail_only_with_a_config_error_naming_the_key() -> None:
-    base = load_config(REPO / "configs" / "demo.toml").model_dump(mode="json")
+    base = load_config(REPO / "tests" / "base.toml").model_dump(mode="json")
     keys = _leaves(base)
     rng = np.random.default_rng(0)
     failures = 0
     for _ in range(300):
         key = keys[rng.integers(len(keys))]
         value = BAD_VALUES[rng.integers(len(BAD_VALUES))]
-        raw = load_config(REPO / "configs" / "demo.toml").model_dump(mode="json")
+        raw = load_config(REPO / "tests" / "base.toml").model_dump(mode="json")
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
@@ -48,7 +48,7 @@ def test_fuzzed_configs_fail_only_with_a_config_error_naming_the_key() -> None:
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, ["run", str(REPO / "configs" / "demo.toml"), "--output-dir", str(tmp_path / "runs"), *args])
+    result = CliRunner().invoke(app, ["run", str(REPO / "tests" / "base.toml"), "--output-dir", str(tmp_path / "runs"), *args])
     return result.exit_code, " ".join(result.output.split())
 
 
@@ -65,7 +65,7 @@ def test_wrong_model_name(tmp_path: Path, data_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not per call
     config = tmp_path / "bad-model.toml"
-    config.write_text((REPO / "configs" / "demo.toml").read_text().replace('name = "minilm"', 'name = "no-such/model"'))
+    config.write_text((REPO / "tests" / "base.toml").read_text().replace('name = "minilm"', 'name = "no-such/model"'))
     result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
     output = " ".join(result.output.split())
     assert result.exit_code == 2 and "model.name='no-such/model'" in output and "local folder" in output
@@ -74,7 +74,7 @@ def test_wrong_model_name(tmp_path: Path, data_dir: Path, monkeypatch: pytest.Mo
 
 def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None:
     config = tmp_path / "tiny.toml"
-    text = (REPO / "configs" / "demo.toml").read_text().replace("[data]\n", "[data]\ntrain_subset = 100\n")
+    text = (REPO / "tests" / "base.toml").read_text().replace("[data]\n", "[data]\ntrain_subset = 100\n")
     config.write_text(text)
     result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
     output = " ".join(result.output.split())
@@ -150,7 +150,7 @@ def test_single_class_clients_are_ordinary_non_iid_data(tmp_path: Path, data_dir
     """Dirichlet alpha 0.01 gives each of two clients one class only: a valid, extreme split that runs."""
     from aslora.experiment import prepare, run_experiment
 
-    config = load_config(REPO / "configs" / "demo.toml").with_overrides(
+    config = load_config(REPO / "tests" / "base.toml").with_overrides(
         {
             "output_dir": str(tmp_path), "data.dir": str(data_dir), "data.num_clients": 2,
             "federation.clients_per_round": 2, "data.train_subset": 400, "data.eval_subset": 64,

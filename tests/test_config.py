@@ -13,9 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_config_is_valid() -> None:
     config = load_config(REPO / "configs" / "demo.toml")
-    assert config.data.num_clients == 10
+    assert config.data.num_clients == 6
     assert config.data.partition == "dirichlet" and config.data.dirichlet_alpha == 0.5
     assert config.privacy.epsilon == 3.0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    assert load_config(path).name
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones() -> None:
@@ -72,7 +77,7 @@ def test_privacy_needs_a_target() -> None:
 
 
 def test_overrides_are_validated() -> None:
-    config = load_config(REPO / "configs" / "demo.toml")
+    config = load_config(REPO / "tests" / "base.toml")
     assert config.with_overrides({"privacy.epsilon": 1.0}).privacy.epsilon == 1.0
     with pytest.raises(ConfigError, match="privacy.epsilon"):
         config.with_overrides({"privacy.epsilon": -1.0})

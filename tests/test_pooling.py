@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(data_dir: Path, **overrides):
-    return load_config(REPO / "configs" / "demo.toml").with_overrides(
+    return load_config(REPO / "tests" / "base.toml").with_overrides(
         {"data.dir": str(data_dir), "data.train_subset": 64, "data.eval_subset": 16, "model.max_length": 32}
         | overrides
     )
@@ -147,3 +147,9 @@ def test_bfloat16_encoder_keeps_dp_sgd_in_float32(data_dir: Path) -> None:
 def test_bfloat16_needs_a_pooled_classifier(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match="model.dtype"):
         _config(data_dir, **{"model.dtype": "bfloat16", "data.task": "synthetic"})
+
+
+def test_a_micro_batch_that_cannot_fit_fails_before_training(data_dir: Path) -> None:
+    config = _config(data_dir, **{"optim.micro_batch_size": 10_000_000, "model.max_length": 512})
+    with pytest.raises(ConfigError, match=r"optim.micro_batch_size: a physical batch of 10000000 .* set optim.micro_batch_size to \d+ or less"):
+        load_task(config)

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def task_and_view(data_dir: Path) -> tuple:
-    config: ExperimentConfig = load_config(REPO / "configs" / "demo.toml").with_overrides(
+    config: ExperimentConfig = load_config(REPO / "tests" / "base.toml").with_overrides(
         {"data.dir": str(data_dir), "data.train_subset": 64, "data.eval_subset": 8, "model.max_length": 32}
     )
     task = load_task(config)
@@ -235,7 +235,7 @@ def test_batch_scaling_by_size_gives_every_client_one_rate_and_less_noise(data_d
     sizes = [500, 2000, 8000]
     plans = {}
     for scaling in ("fixed", "by_size"):
-        config = load_config(REPO / "configs" / "demo.toml").with_overrides(
+        config = load_config(REPO / "tests" / "base.toml").with_overrides(
             {"optim.batch_scaling": scaling, "optim.batch_size": 100, "data.num_clients": 3, "federation.clients_per_round": 3}
         )
         local = local_settings(config, sizes, DPSettings(False, 0.0, 1.0))
@@ -252,6 +252,6 @@ def test_batch_scaling_by_size_refuses_a_rate_of_one() -> None:
     from aslora.config import ConfigError
     from aslora.experiment import local_settings
 
-    config = load_config(REPO / "configs" / "demo.toml").with_overrides({"optim.batch_scaling": "by_size", "optim.batch_size": 600})
+    config = load_config(REPO / "tests" / "base.toml").with_overrides({"optim.batch_scaling": "by_size", "optim.batch_size": 600})
     with pytest.raises(ConfigError, match="optim.batch_size=600 is not below the mean client size"):
         local_settings(config, [300, 500], DPSettings(False, 0.0, 1.0))

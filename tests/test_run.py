@@ -13,7 +13,6 @@ import torch
 from conftest import as_toml, metric_rows
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from aslora.adapters import LoraView
@@ -25,6 +24,7 @@ from aslora.methods import GlobalState
 from aslora.pretrained import resolve_model
 from aslora.privacy import RDP_ORDERS, DPSettings
 from aslora.tasks import load_task
+from aslora.tasks.pooling import pooled_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, 
 
 def _assert_adapter_reloads(run: Path, config: ExperimentConfig, summary: dict) -> None:
     """The exported adapter, loaded by PEFT alone, gives the run's final logits (via its metrics)."""
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
+    base = pooled_classifier(resolve_model("minilm"), "mean", 2)  # what model.pooling 'auto' builds for MiniLM
     model = PeftModel.from_pretrained(base, str(run / "adapter"))
     task = load_task(config)
     metrics = task.evaluate(model, task.encode(task.eval), 64)

@@ -20,9 +20,10 @@ import datasets
 import torch
 from peft import PeftModel, TaskType
 from torch.utils.data import TensorDataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from aslora.config import ExperimentConfig
+from aslora.memory import check_micro_batch
 from aslora.pretrained import load_pretrained, resolve_model
 from aslora.tasks.common import DataNotFoundError, data_root, with_lora
 from aslora.tasks.pooling import pooled_classifier, resolve_pooling
@@ -210,6 +211,13 @@ class GlueTask:
                 "classes at least: check the data files, or raise data.train_subset"
             )
         main = evals.pop("")
+        model_path = resolve_model(config.model.name)
+        optim = config.optim
+        physical = optim.micro_batch_size or int(optim.batch_size + 4 * optim.batch_size**0.5)  # Poisson tail
+        check_micro_batch(
+            load_pretrained(AutoConfig.from_pretrained, model_path), physical, config.model.max_length,
+            2 if config.model.dtype == "bfloat16" else 4,
+        )
         return cls(
             name=config.data.task,
             texts=spec.texts,
