@@ -39,7 +39,7 @@ from scipy import stats
 from aslora.config import load_config
 from aslora.experiment import run_experiment
 from aslora.methods import ABLATIONS, NAMES
-from aslora.report import plot_comparison
+from aslora.report import plot_comparison, rounds_to_reach
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "paper"
@@ -86,7 +86,7 @@ def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric
     curve = sorted((int(r), m[metric]) for r, m in summary["metric_by_round"].items() if metric in m)
     values = [v for _, v in curve]
     target = TARGETS.get(task)
-    reached = next((r + 1 for r, v in curve if target is not None and v >= target), None)
+    reached = rounds_to_reach(summary, metric, target) if target is not None else None
     return {
         "task": task, "epsilon": eps, "variant": variant, "seed": seed, "metric": metric,
         "final": summary["final_metrics"][metric], "best": max(values) if values else None,
@@ -108,6 +108,7 @@ def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variant
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
         row = row_of(task, eps, variant, seed, result.summary, "accuracy")
+        results_file(suite).parent.mkdir(parents=True, exist_ok=True)
         with results_file(suite).open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{task} eps={eps:g} {variant} seed {seed}: final {row['final']:.4f}, best {row['best']:.4f}, "

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from aslora.adapters import FACTORS, LoraView
+from aslora.memory import return_freed_tensors_to_the_system
 from aslora.methods.base import ClientUpdate, GlobalState, Mask
 from aslora.privacy import (
     DPSettings,
@@ -150,6 +151,7 @@ def train_client(
     """
     if job.fail:
         raise ClientDropout(f"client {job.client_id} dropped out in round {job.round_index} (simulated)")
+    return_freed_tensors_to_the_system()
     started = time.perf_counter()
     view.set_factors(state.factors)
     view.set_head(state.head)

@@ -1,0 +1,44 @@
+"""The paper table rebuilds from its per-run rows: intervals, the authors' metric, pairs by seed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import paper_table  # noqa: E402
+
+
+def _row(variant: str, seed: int, curve: list[float]) -> dict:
+    summary = {
+        "metric_by_round": {str(r): {"accuracy": a} for r, a in enumerate(curve)},
+        "final_metrics": {"accuracy": curve[-1]},
+        "epsilon": 2.99, "delta": 1e-5, "noise_multiplier": 1.2, "rounds_completed": len(curve), "wall_time_s": 60.0,
+    }
+    return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy")
+
+
+def test_a_row_keeps_final_best_and_rounds_to_target() -> None:
+    row = _row("aslora", 0, [0.6, 0.8, 0.77])
+    assert (row["final"], row["best"], row["rounds_to_target"]) == (0.77, 0.8, 2)
+    assert _row("ffa", 0, [0.6, 0.7])["rounds_to_target"] is None
+
+
+def test_interval_is_students_t() -> None:
+    mean, half = paper_table.interval([0.80, 0.82, 0.84])
+    assert mean == pytest.approx(0.82)
+    assert half == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
+
+
+def test_block_pairs_aslora_with_each_baseline_over_common_seeds(tmp_path: Path) -> None:
+    rows = [_row("aslora", s, [0.5, 0.80 + 0.01 * s]) for s in range(3)]
+    rows += [_row("ffa", s, [0.5, 0.78 + 0.01 * s]) for s in range(3)]
+    rows += [_row("rolora", s, [0.5, 0.79]) for s in range(2)]  # seed 2 missing: the block uses seeds 0, 1
+    text = "\n".join(paper_table.block("sst2", 3.0, rows, tmp_path, "test"))
+    assert "Seeds [0, 1]" in text
+    assert "| ffa | +0.0200 | [+0.0200, +0.0200] | 2 of 2 seeds |" in text
+    assert "| rolora | +0.0150 |" in text
+    assert (tmp_path / "test-sst2-eps3.png").is_file()
