@@ -31,7 +31,6 @@ from aslora.config import load_config
 from aslora.experiment import run_experiment
 
 
-
 def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in table.items():

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import paper_table  # noqa: E402
+import paper_table
 
 
 def _row(variant: str, seed: int, curve: list[float]) -> dict:

@@ -20,7 +20,12 @@ import datasets
 import torch
 from peft import PeftModel, TaskType
 from torch.utils.data import TensorDataset
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from aslora.config import ExperimentConfig
 from aslora.memory import check_micro_batch
