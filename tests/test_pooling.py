@@ -46,6 +46,18 @@ def test_auto_pooling_is_sentence_transformers_embedding(data_dir: Path) -> None
     torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), torch.nn.functional.normalize(theirs, dim=-1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("pooling", "trains_pooler"), [("mean", False), ("cls", False), ("pooler", True)])
+def test_the_pooler_is_a_head_module_only_when_the_classifier_reads_it(data_dir: Path, pooling: str, trains_pooler: bool) -> None:
+    """An unused pooler gets no gradient (Opacus fails on it mid-round): naming it fails at build time instead."""
+    config = _config(data_dir, **{"model.pooling": pooling, "lora.head_modules": ["classifier", "pooler"]})
+    task = load_task(config)
+    if trains_pooler:
+        assert any(".pooler." in name for name in LoraView(task.build_model(config)).head)
+    else:
+        with pytest.raises(ValueError, match=r"\['pooler'\].*only with model.pooling='pooler'"):
+            task.build_model(config)
+
+
 @pytest.mark.parametrize("pooling", [p for p in POOLINGS if p != "auto"])
 def test_every_pooling_builds_and_differs(data_dir: Path, pooling: str) -> None:
     task = load_task(_config(data_dir, **{"model.pooling": pooling}))

@@ -277,7 +277,7 @@ class GlueTask:
             hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
             return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
         base = pooled_classifier(self.model_path, self.pooling, self.num_labels, config.model.dtype)
-        hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and the encoder's 'pooler')"
+        hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and 'pooler' only with model.pooling='pooler')"
         return with_lora(base, config.lora, None, hint)
 
     @staticmethod

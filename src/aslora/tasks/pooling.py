@@ -117,6 +117,11 @@ def pooled_classifier(model_path: str, pooling: str, num_labels: int, dtype: str
     LoRA factors that PEFT adds (its autocast_adapter_dtype): per-sample gradients,
     clipping and noise are float32, only the frozen forward pass is rounded.
     """
-    model = PooledClassifier(load_pretrained(AutoModel.from_pretrained, model_path), pooling, num_labels)
+    encoder = load_pretrained(AutoModel.from_pretrained, model_path)
+    if pooling != "pooler" and getattr(encoder, "pooler", None) is not None:
+        # An unused pooler would be a module with no gradient: Opacus fails on it
+        # mid-round if lora.head_modules names it, so it goes, and naming it fails first.
+        encoder.pooler = None
+    model = PooledClassifier(encoder, pooling, num_labels)
     model.encoder.to(getattr(torch, dtype))
     return model
