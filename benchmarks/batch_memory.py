@@ -1,6 +1,6 @@
 """Peak memory and time per example of DP-SGD as the expected Poisson batch grows, and over rounds.
 
-    python benchmarks/batch_memory.py batches [--batches 128,512,2048] [--micro 128] [--steps 3] [--dtype bfloat16]
+    python benchmarks/batch_memory.py batches [--batches 128,512,2048] [--micro 128] [--steps 3] [--dtype auto]
     python benchmarks/batch_memory.py rounds  [--config configs/paper/authors-sst2-minilm.toml] [--rounds 6]
 
 `batches`: one client of SST-2 (20,000 training examples) with MiniLM as in
@@ -123,7 +123,7 @@ def main() -> None:
     b.add_argument("--batches", default="128,256,512,1024,2048")
     b.add_argument("--micro", type=int, default=128)
     b.add_argument("--steps", type=int, default=3)
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    b.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     add_data_dir(b)
     r = sub.add_parser("rounds")
     r.add_argument("--config", type=Path, default=REPO / "configs" / "paper" / "authors-sst2-minilm.toml")

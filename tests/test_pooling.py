@@ -161,6 +161,26 @@ def test_bfloat16_needs_a_pooled_classifier(data_dir: Path) -> None:
         _config(data_dir, **{"model.dtype": "bfloat16", "data.task": "synthetic"})
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """Emulated bfloat16 is ~30x slower than float32 (AVX2 CPUs): 'auto' takes it only where it is native."""
+    import aslora.pretrained
+
+    monkeypatch.setattr(aslora.pretrained, "native_bfloat16", lambda: native)
+    pooled = load_task(_config(data_dir, **{"model.dtype": "auto"}))
+    assert pooled.dtype == ("bfloat16" if native else "float32")
+    undeclared = tmp_path / "minilm-without-pooling"  # the same model, no sentence-transformers pooling
+    undeclared.mkdir()
+    for item in Path(resolve_model("minilm")).iterdir():
+        if item.name != "1_Pooling":
+            (undeclared / item.name).symlink_to(item)
+    own_head = load_task(_config(data_dir, **{"model.dtype": "auto", "model.name": str(undeclared)}))
+    assert own_head.pooling is None and own_head.dtype == "float32"  # the architecture's head runs in float32
+    assert _config(data_dir, **{"model.dtype": "auto", "data.task": "synthetic"}).model.dtype == "auto"
+
+
 def test_a_micro_batch_that_cannot_fit_fails_before_training(data_dir: Path) -> None:
     config = _config(data_dir, **{"optim.micro_batch_size": 10_000_000, "model.max_length": 512})
     with pytest.raises(ConfigError, match=r"optim.micro_batch_size: a physical batch of 10000000 .* set optim.micro_batch_size to \d+ or less"):

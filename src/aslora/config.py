@@ -41,9 +41,10 @@ class ModelConfig(_Section):
         description="'minilm' (embedded all-MiniLM-L6-v2), a local folder or a hub model id",
     )
     max_length: int = Field(64, ge=8, le=4096)
-    dtype: Literal["float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "float32",
-        description="the frozen encoder's weights; LoRA factors, head and DP-SGD stay float32 (GLUE with a pooling)",
+        description="the frozen encoder's weights; LoRA factors, head and DP-SGD stay float32 (GLUE with a "
+        "pooling); 'auto' = bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX), else float32",
     )
     pooling: Literal["auto", "cls", "mean", "pooler"] = Field(
         "auto",
@@ -214,7 +215,7 @@ class ExperimentConfig(_Section):
                 f"data.validation_size carves a validation split from a GLUE training set; task "
                 f"'{data.task}' has none: set it to 0"
             )
-        if self.model.dtype != "float32" and data.task not in GLUE_TASKS:
+        if self.model.dtype == "bfloat16" and data.task not in GLUE_TASKS:
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} is offered for GLUE sentence classifiers; task "
                 f"'{data.task}' runs in float32: remove model.dtype"

