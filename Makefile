@@ -23,8 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa,rolora,aslora --seeds 1
 
+# Most of the suite is single-threaded Python (accounting, Flower, PEFT): two workers with one
+# torch thread each use both cores; a file's tests stay together (Flower's fixed ports).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,10 +7,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from aslora.config import ExperimentConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, and for the
+    # processes they start (CLI runs, Flower's SuperNodes), or both oversubscribe.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
