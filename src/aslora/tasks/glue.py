@@ -219,7 +219,7 @@ class GlueTask:
         main = evals.pop("")
         model_path = resolve_model(config.model.name)
         asked = config.model.dtype
-        pooling = resolve_pooling(config.model.pooling, model_path, "float32" if asked == "auto" else asked)
+        pooling = resolve_pooling(config.model.pooling, model_path, asked)
         dtype = resolve_dtype(asked) if pooling is not None else "float32"
         if dtype == "bfloat16" and not native_bfloat16():
             log.warning("model.dtype='bfloat16' on a CPU without native bfloat16: about 30x slower than "

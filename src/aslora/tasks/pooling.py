@@ -55,7 +55,7 @@ def resolve_pooling(pooling: str, model_path: str, dtype: str = "float32") -> st
     """
     if pooling == "auto":
         declared = declared_pooling(model_path)
-        if declared is None and dtype != "float32":
+        if declared is None and dtype == "bfloat16":
             raise ConfigError(
                 f"model.dtype={dtype!r} needs a pooled classifier, and {model_path} declares no pooling: "
                 "set model.pooling to 'mean', 'cls' or 'pooler', or model.dtype = 'float32'"
