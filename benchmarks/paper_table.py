@@ -23,11 +23,13 @@ differences between variants at one seed are paired.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,13 +61,33 @@ def _slug(text: str) -> str:
     return text.replace(" ", "-")
 
 
+def regime(suite: str, task: str) -> str:
+    """A short fingerprint of the task's config as loaded, less what the grid sets per cell: rows of
+    an edited regime must never be averaged with, or skip, the rows of the one before."""
+    config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task)).model_dump(mode="json")
+    for key in ("method", "seed", "output_dir", "name"):
+        config.pop(key, None)
+    config["privacy"].pop("epsilon", None)
+    config["data"].pop("dir", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def machine() -> str:
+    """The CPU model and core count: timings and bfloat16 rounding (model.dtype auto) depend on it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else []
+    return f"{names[0].strip() if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def cells(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> Iterator[tuple]:
     """Every (task, epsilon, variant, seed) of the grid, with the folder its run lives in."""
     for task in tasks:
+        fingerprint = regime(suite, task)
         for eps in epsilons:
             for seed in range(seeds):  # seed-major: a partly run grid holds complete seeds first
                 for variant in variants:
-                    yield task, eps, variant, seed, REPO / "runs" / "paper" / suite / f"{task}-eps{eps:g}" / f"{_slug(variant)}-s{seed}"
+                    yield task, eps, variant, seed, (REPO / "runs" / "paper" / suite / f"{task}-{fingerprint}-eps{eps:g}"
+                                                             / f"{_slug(variant)}-s{seed}")
 
 
 def results_file(suite: str) -> Path:
@@ -78,28 +100,28 @@ def load_rows(suite: str) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return row["task"], float(row["epsilon"]), row["variant"], int(row["seed"])
+    return row["task"], row.get("regime"), float(row["epsilon"]), row["variant"], int(row["seed"])
 
 
-def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric: str) -> dict:
+def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric: str, fingerprint: str) -> dict:
     """What the table needs from one finished run, as one JSON line."""
     curve = sorted((int(r), m[metric]) for r, m in summary["metric_by_round"].items() if metric in m)
     values = [v for _, v in curve]
     target = TARGETS.get(task)
     reached = rounds_to_reach(summary, metric, target) if target is not None else None
     return {
-        "task": task, "epsilon": eps, "variant": variant, "seed": seed, "metric": metric,
+        "task": task, "regime": fingerprint, "epsilon": eps, "variant": variant, "seed": seed, "metric": metric,
         "final": summary["final_metrics"][metric], "best": max(values) if values else None,
         "epsilon_spent": summary["epsilon"], "delta": summary["delta"], "sigma": summary["noise_multiplier"],
         "target": target, "rounds_to_target": reached, "rounds": summary["rounds_completed"],
-        "curve": curve, "wall_s": round(summary["wall_time_s"], 1),
+        "curve": curve, "wall_s": round(summary["wall_time_s"], 1), "machine": machine(),
     }
 
 
 def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str) -> None:
     finished = {_key(r) for r in load_rows(suite)}
     for task, eps, variant, seed, folder in cells(suite, tasks, epsilons, seeds, variants):
-        if (task, eps, variant, seed) in finished:
+        if (task, regime(suite, task), eps, variant, seed) in finished:
             continue
         config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task)).with_overrides(
             {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir}
@@ -107,7 +129,7 @@ def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variant
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json") if not (p.parent / "summary.json").exists())
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
-        row = row_of(task, eps, variant, seed, result.summary, "accuracy")
+        row = row_of(task, eps, variant, seed, result.summary, "accuracy", regime(suite, task))
         results_file(suite).parent.mkdir(parents=True, exist_ok=True)
         with results_file(suite).open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -173,6 +195,9 @@ def block(task: str, eps: float, rows: list[dict], out: Path, suite: str) -> lis
 def table(suite: str) -> Path:
     """`<suite>.md` and its plots, from `<suite>.jsonl` alone."""
     rows = load_rows(suite)
+    current = {task: regime(suite, task) for task in {r["task"] for r in rows}}
+    stale = [r for r in rows if r.get("regime") != current[r["task"]]]
+    rows = [r for r in rows if r.get("regime") == current[r["task"]]]
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], float(r["epsilon"])), []).append(r)
@@ -181,7 +206,10 @@ def table(suite: str) -> Path:
         "",
         (f"Configs: configs/paper/{SUITES[suite]}. Rows: {results_file(suite).name} ({len(rows)} runs, "
         f"{sum(r['wall_s'] for r in rows) / 3600:.2f} h of recorded wall time). Machine of the last rebuild: "
-        f"{platform.platform()}, {os.cpu_count()} CPU cores."),
+        f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}."),
+        (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."
+        if stale else "Every row was run with the configs as they stand (regime fingerprints "
+        f"{', '.join(f'{t} {h}' for t, h in sorted(current.items()))})."),
         (f"Commands: `python benchmarks/paper_table.py run --suite {suite} ...`, then "
         f"`python benchmarks/paper_table.py table --suite {suite}`."),
         "",

@@ -18,7 +18,7 @@ def _row(variant: str, seed: int, curve: list[float]) -> dict:
         "final_metrics": {"accuracy": curve[-1]},
         "epsilon": 2.99, "delta": 1e-5, "noise_multiplier": 1.2, "rounds_completed": len(curve), "wall_time_s": 60.0,
     }
-    return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy")
+    return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy", "abc")
 
 
 def test_a_row_keeps_final_best_and_rounds_to_target() -> None:
@@ -42,3 +42,21 @@ def test_block_pairs_aslora_with_each_baseline_over_common_seeds(tmp_path: Path)
     assert "| ffa | +0.0200 | [+0.0200, +0.0200] | 2 of 2 seeds |" in text
     assert "| rolora | +0.0150 |" in text
     assert (tmp_path / "test-sst2-eps3.png").is_file()
+
+
+def test_a_regime_fingerprint_changes_with_a_setting_not_with_a_comment_or_a_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of an edited config must not be averaged with (or skip) the rows run before the edit."""
+    (tmp_path / "configs" / "paper").mkdir(parents=True)
+    config = tmp_path / "configs" / "paper" / "sst2.toml"
+    original = (paper_table.REPO / "configs" / "paper" / "sst2.toml").read_text()
+    monkeypatch.setattr(paper_table, "REPO", tmp_path)
+    config.write_text(original)
+    before = paper_table.regime("cpu", "sst2")
+    config.write_text("# a new comment\n" + original.replace('method = "aslora"', 'method = "ffa"').replace("seed = 0", "seed = 4"))
+    assert paper_table.regime("cpu", "sst2") == before  # per-cell settings and comments are not the regime
+    config.write_text(original.replace("lr = 8.0", "lr = 4.0"))
+    assert paper_table.regime("cpu", "sst2") != before
+    row = _row("aslora", 0, [0.6, 0.8])
+    assert paper_table._key(row) != paper_table._key(row | {"regime": before})
