@@ -96,6 +96,10 @@ class DataConfig(_Section):
     holdout_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of each client's shard held out for personalised evaluation"
     )
+    probe_size: int = Field(
+        0, ge=0, description="N > 0: N training examples set apart on the server, never trained on, to measure "
+        "each round's realised loss decrease per layer (selection diagnostics; non-private, decides nothing)",
+    )
     doc_stride: int = Field(32, ge=1, description="QA: tokens shared by consecutive windows of a long context")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from rich.progress import Progress
 from torch.utils.data import TensorDataset
 
@@ -19,9 +20,10 @@ from aslora.adapters import LoraView
 from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
+from aslora.diagnostics import mean_loss
 from aslora.engines.local import LocalEngine
 from aslora.methods import GlobalState, Method, MethodContext, get_method
-from aslora.partition import hold_out, partition
+from aslora.partition import hold_out, partition, set_apart
 from aslora.privacy import DPSettings, calibrate_noise, epsilon_for
 from aslora.results import RunDirectory
 from aslora.server import Engine, Federation, RoundRecord, ServerSettings
@@ -123,6 +125,7 @@ class Setup:
     privacy: PrivacyPlan
     view: LoraView
     local: LocalSettings
+    probe: datasets.Dataset | None = None  # the server's probe set (data.probe_size), set apart before partitioning
 
     @property
     def sizes(self) -> list[int]:
@@ -162,13 +165,14 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
 def prepare(config: ExperimentConfig) -> Setup:
     """Data, client shards, privacy plan, model and client settings, all from the seed."""
     task = load_task(config)
-    shards = partition(task.train, config.data, config.seed, min_size=config.optim.batch_size)
+    train, probe = set_apart(task.train, config.data.probe_size, config.seed)
+    shards = partition(train, config.data, config.seed, min_size=config.optim.batch_size)
     shards, held_out = hold_out(shards, config.data.holdout_fraction, config.seed)
     sizes = [len(s) for s in shards]
     local = local_settings(config, sizes, DPSettings(False, 0.0, config.privacy.clip))
     privacy = plan_privacy(config, sizes, local)
     local = replace(local, dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip))
-    return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local)
+    return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local, probe)
 
 
 def run_experiment(
@@ -195,13 +199,21 @@ def run_experiment(
     eval_sets = {"": task.encode(task.eval)}
     eval_sets.update({f"{name}_": task.encode(split) for name, split in task.extra_evals.items()})
 
-    def evaluate_state(s: GlobalState, data: TensorDataset) -> dict[str, float]:
+    def load(s: GlobalState) -> torch.nn.Module:
         view.set_factors(s.factors)
         view.set_head(s.head)
         view.set_residual(s.residual)
-        return task.evaluate(view.model, data, config.optim.eval_batch_size)
+        return view.model
+
+    def evaluate_state(s: GlobalState, data: TensorDataset) -> dict[str, float]:
+        return task.evaluate(load(s), data, config.optim.eval_batch_size)
 
     held_out_data: dict[int, TensorDataset] = {}
+    probe_data = task.encode_train(setup.probe) if setup.probe is not None else None
+
+    def probe_loss(s: GlobalState) -> float:
+        """The mean training loss of `s` on the probe set (selection diagnostics)."""
+        return mean_loss(task.loss, load(s), probe_data, config.optim.eval_batch_size)
 
     def evaluate(s: GlobalState) -> dict[str, float]:
         """The global model on the dev split; personalised models (FedSA) on their held-out splits."""
@@ -248,6 +260,7 @@ def run_experiment(
         ),
         evaluate=evaluate,
         train_head=config.lora.train_head,
+        probe=probe_loss if probe_data is not None else None,
     )
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if resume is not None:

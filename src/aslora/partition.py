@@ -22,6 +22,17 @@ def make_partitioner(data: DataConfig, seed: int, min_size: int) -> Partitioner:
     )
 
 
+def set_apart(dataset: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(the rest, `size` examples set apart); no split when size is 0. The server's probe set
+    (data.probe_size) comes from here, before any client gets a shard of what remains."""
+    if size == 0:
+        return dataset, None
+    if size >= len(dataset):
+        raise ValueError(f"data.probe_size={size} leaves no training data ({len(dataset)} examples): use fewer")
+    split = dataset.train_test_split(test_size=size, seed=seed)
+    return split["train"], split["test"]
+
+
 def hold_out(
     shards: list[datasets.Dataset], fraction: float, seed: int
 ) -> tuple[list[datasets.Dataset], list[datasets.Dataset]]:

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.table import Table
 
+from aslora.diagnostics import calibration_pairs, share_of_a, summarise
+
 if TYPE_CHECKING:
     from aslora.server import RoundRecord
 
@@ -55,11 +57,39 @@ def plot_mask(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
     return path
 
 
+def plot_calibration(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
+    """Left: the score the decision read against the realised probe-loss decrease, per round and
+    layer (selection diagnostics). Right: the share of rounds each layer trained A."""
+    pairs = calibration_pairs(records)
+    shares = share_of_a(records)
+    fig, (ax_cal, ax_share) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    for factor, colour in (("A", "tab:red"), ("B", "tab:blue")):
+        chosen = [(p, r) for p, r, f in pairs if f == factor]
+        if chosen:
+            ax_cal.scatter(*zip(*chosen, strict=True), s=12, alpha=0.6, color=colour, label=f"{factor} trained")
+    if pairs:
+        low = min(min(p, r) for p, r, _ in pairs)
+        high = max(max(p, r) for p, r, _ in pairs)
+        ax_cal.plot([low, high], [low, high], color="grey", lw=0.8, ls="--", label="realised = predicted")
+        ax_cal.legend(fontsize="small")
+    rho = summarise(records).get("spearman_predicted_realised")
+    ax_cal.set(xlabel="predicted decrease (score)", ylabel="realised decrease (probe loss)",
+               title=f"calibration, Spearman {rho:.2f}" if rho is not None else "calibration (no scored rounds)")
+    ax_share.barh(range(len(shares)), list(shares.values()), color="tab:red")
+    ax_share.set_yticks(range(len(shares)), [_short(layer) for layer in shares], fontsize=7)
+    ax_share.set(xlim=(0, 1), xlabel="share of rounds on A", title="per layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _short(layer: str) -> str:
     """'bert.encoder.layer.3.attention.self.query' -> 'layer.3.query'."""
     parts = layer.split(".")
     numbered = [f"{p}.{n}" for p, n in pairwise(parts) if n.isdigit()]
-    return ".".join([*numbered[-1:], parts[-1]])
+    return ".".join([*numbered[-1:], *([] if parts[-1].isdigit() else parts[-1:])])
 
 
 def rounds_to_reach(summary: dict[str, Any], metric: str, target: float) -> int | None:

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from aslora import diagnostics
 from aslora.adapters import LoraView
 from aslora.config import ExperimentConfig
-from aslora.report import plot_mask, plot_run
+from aslora.report import plot_calibration, plot_mask, plot_run
 from aslora.server import RoundRecord
 
 
@@ -101,6 +102,7 @@ class RunDirectory:
             "mean_bytes_up_per_client": _mean([r.bytes_up_per_client for r in records]),
             "mean_bytes_down_per_client": _mean([r.bytes_down_per_client for r in records]),
             "rejected_updates": sum(len(r.rejected) for r in records),
+            "selection_diagnostics": diagnostics.summarise(records),
             "wall_time_s": wall_time_s,
         }
         (self.path / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
@@ -111,6 +113,8 @@ class RunDirectory:
         paths = [plot_run(records, self.path / "metrics.png", title=title)]
         if config.method == "aslora" and records:
             paths.append(plot_mask(records, self.path / "mask.png", title=title))
+        if any(r.diagnostics for r in records):
+            paths.append(plot_calibration(records, self.path / "calibration.png", title=title))
         return paths
 
 

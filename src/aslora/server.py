@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from aslora.adapters import FACTORS
 from aslora.client import ClientJob, LocalSettings
+from aslora.diagnostics import ProbeLoss, realised_decrease
 from aslora.methods.base import (
     ClientUpdate,
     GlobalState,
@@ -100,6 +101,9 @@ class RoundRecord:
     bytes_down_per_client: float
     metrics: dict[str, float] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+    # With a probe set (data.probe_size): the round's realised probe-loss decrease per layer and the
+    # scores its decision read (diagnostics.py); server-side measurements, outside the DP scope.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
@@ -194,6 +198,7 @@ class Federation:
         settings: ServerSettings,
         evaluate: Callable[[GlobalState], dict[str, float]],
         train_head: bool,
+        probe: ProbeLoss | None = None,
     ) -> None:
         self.method = method
         self.engine = engine
@@ -202,6 +207,7 @@ class Federation:
         self.settings = settings
         self.evaluate = evaluate
         self.train_head = train_head
+        self.probe = probe
         self.histories: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(self.sizes))}
         self._version: dict[str, int] = dict.fromkeys(method.downloaded(state), 0)
         self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
@@ -264,6 +270,7 @@ class Federation:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
             return None
         started = time.perf_counter()
+        predicted = self.method.describe(self.state).get("scores", {})  # what this round's decision reads
         clients = self.sample(round_index, eligible)
         failing, late = self.faults(round_index, clients)
         mask = self.method.plan(round_index, self.state)
@@ -328,9 +335,14 @@ class Federation:
         # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
         secure = self.settings.secure_aggregation
         errors = None if secure else aggregation_error(self.state, accepted, weights, new_state)
+        diagnostics = {}
+        if self.probe is not None:
+            diagnostics = realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
         self._bump_versions(new_state)
         self.state = new_state
-        return self._record(round_index, clients, rejected, mask, accepted, times, errors, downloads)
+        record = self._record(round_index, clients, rejected, mask, accepted, times, errors, downloads)
+        record.diagnostics = diagnostics
+        return record
 
     def _bump_versions(self, new_state: GlobalState) -> None:
         old = self.method.downloaded(self.state)
