@@ -81,3 +81,27 @@ def test_without_a_probe_set_nothing_is_measured(tmp_path: Path) -> None:
     assert all(r.diagnostics == {} for r in result.records)
     assert result.summary["selection_diagnostics"] == {}
     assert not (result.directory / "calibration.png").exists()
+
+
+def test_the_lookahead_oracle_keeps_per_layer_the_trial_the_probe_prefers(tmp_path: Path) -> None:
+    """On the synthetic task B alone cannot reach the outside layers' targets: after B has grown
+    the oracle must pick A there in some round, and every pick is the better of its two trials."""
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path), "federation.rounds": 6, "method": "oracle"}
+    )
+    result = run_experiment(config)
+    lines = [json.loads(line) for line in (result.directory / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for layer, (factor,) in line["mask"].items():
+            tried = line["selection"]["lookahead"][layer]
+            assert set(tried) == {"A", "B"} and tried[factor] == max(tried.values())
+    assert any(line["mask"][layer] == ["A"] for line in lines for layer in line["mask"])
+    # both trials train on the clients' data: each round is charged twice (RDP composes
+    # sublinearly, so twice the steps cost about 1.2 times the epsilon here, not twice)
+    single = run_experiment(config.with_overrides({"method": "rolora"})).summary["epsilon"]
+    assert result.summary["epsilon"] > 1.1 * single
+
+
+def test_the_oracle_needs_a_probe_set() -> None:
+    with pytest.raises(ValueError, match=r"set data.probe_size"):
+        load_config(REPO / "configs" / "synthetic.toml").with_overrides({"method": "oracle", "data.probe_size": 0})

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
+METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora", "oracle")
 GLUE_TASKS = ("sst2", "qnli", "qqp", "rte", "mnli")
 TASKS = (
     *GLUE_TASKS,
@@ -240,6 +240,11 @@ class ExperimentConfig(_Section):
                     f"lora.client_ranks needs one rank per client (data.num_clients={data.num_clients}), "
                     f"each between 1 and lora.r={self.lora.r}; got {list(ranks)}"
                 )
+        if self.method == "oracle" and data.probe_size == 0:
+            raise ValueError(
+                "method 'oracle' (the non-private lookahead oracle) keeps, per layer, the factor that lowers "
+                "the loss on the server's probe set: set data.probe_size, e.g. 512"
+            )
         if self.method == "fedsa" and data.holdout_fraction == 0:
             raise ValueError(
                 "method 'fedsa' evaluates each client's own model on its held-out split: "

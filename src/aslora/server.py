@@ -186,6 +186,19 @@ def moved_too_far(update: ClientUpdate, start: GlobalState, local: LocalSettings
     return None
 
 
+@dataclass
+class Trial:
+    """One training of the round's clients on one mask: what came back, and its average."""
+
+    mask: Mask
+    accepted: list[ClientUpdate]
+    rejected: list[int]
+    clients_s: float
+    weights: list[float] = field(default_factory=list)
+    state: GlobalState | None = None  # None: too few sound updates to aggregate
+    aggregation_s: float = 0.0
+
+
 class Federation:
     """Runs the rounds of one experiment over an engine."""
 
@@ -265,6 +278,7 @@ class Federation:
         return {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]}
 
     def run_round(self, round_index: int, done: Callable[[int], None] = lambda _: None) -> RoundRecord | None:
+        """Sample, plan, train (once, or once per trial of a lookahead oracle), aggregate, record."""
         eligible = self.eligible_clients()
         if not eligible:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
@@ -272,11 +286,51 @@ class Federation:
         started = time.perf_counter()
         predicted = self.method.describe(self.state).get("scores", {})  # what this round's decision reads
         clients = self.sample(round_index, eligible)
-        failing, late = self.faults(round_index, clients)
-        mask = self.method.plan(round_index, self.state)
+        faults = self.faults(round_index, clients)
+        masks = self.method.trials(round_index, self.state) or [self.method.plan(round_index, self.state)]
         downloads = [self._download(c) for c in clients]
         for c in clients:
             self._seen[c] = dict(self._version)
+        planning_s = time.perf_counter() - started
+        trials = [self._trial(round_index, clients, mask, faults, done) for mask in masks]
+        received = time.perf_counter()
+        first = trials[0]
+        clients_s = sum(t.clients_s for t in trials)
+        if any(t.state is None for t in trials):
+            log.warning(
+                "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
+                "model is unchanged", round_index, min(len(t.accepted) for t in trials), self.settings.min_clients,
+            )
+            times = RoundTimes(0.0, planning_s + time.perf_counter() - received, clients_s)
+            return self._record(round_index, clients, first.rejected, first.mask, [], times, None, downloads)
+        if len(trials) == 1:
+            new_state, mask = first.state, first.mask
+            # Under secure aggregation every accepted update carries the same sum: the
+            # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
+            secure = self.settings.secure_aggregation
+            errors = None if secure else aggregation_error(self.state, first.accepted, first.weights, new_state)
+        else:  # a lookahead oracle keeps, layer by layer, the trial the probe set prefers
+            if self.probe is None:
+                raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
+            new_state, mask = self.method.choose(self.state, [(t.mask, t.state) for t in trials], self.probe)
+            errors = None  # each trial was averaged exactly; their per-layer mix has no single ideal
+        aggregated = time.perf_counter()
+        times = RoundTimes(sum(t.aggregation_s for t in trials), planning_s + aggregated - received, clients_s)
+        diagnostics = {}
+        if self.probe is not None:
+            diagnostics = realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
+        self._bump_versions(new_state)
+        self.state = new_state
+        record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, downloads)
+        record.diagnostics = diagnostics
+        return record
+
+    def _trial(
+        self, round_index: int, clients: list[int], mask: Mask, faults: tuple[set[int], set[int]],
+        done: Callable[[int], None],
+    ) -> Trial:
+        """The sampled clients train `mask`; the sound updates are averaged into a candidate state."""
+        failing, late = faults
         jobs = [
             ClientJob(
                 client_id=c,
@@ -290,9 +344,24 @@ class Federation:
             for c in clients
         ]
         starts = [self.method.client_start(self.state, c) for c in clients]
-        planning_s = time.perf_counter() - started
         results = self.engine.train(starts, jobs, done)
-        received = time.perf_counter()
+        accepted, rejected = self._accept(round_index, jobs, starts, results, mask, late)
+        clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
+        if len(accepted) < self.settings.min_clients:
+            return Trial(mask, accepted, rejected, clients_s)
+        weights = self.method.weights(accepted)
+        start = time.perf_counter()
+        state = self.method.aggregate(self.state, accepted, weights)
+        if self.train_head and self.method.shares_head:
+            head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
+            state = state.evolve(head=head)
+        return Trial(mask, accepted, rejected, clients_s, weights, state, time.perf_counter() - start)
+
+    def _accept(
+        self, round_index: int, jobs: list[ClientJob], starts: list[GlobalState],
+        results: list[ClientUpdate | Exception], mask: Mask, late: set[int],
+    ) -> tuple[list[ClientUpdate], list[int]]:
+        """The sound updates, and the clients rejected (logged); every client that trained is charged."""
         accepted, rejected = [], []
         for job, start, result in zip(jobs, starts, results, strict=True):
             if isinstance(result, RejectedAfterTraining):
@@ -315,34 +384,7 @@ class Federation:
                 if trained and self.settings.dp_enabled:
                     # It trained on its data all the same: charge the round as planned.
                     self.histories[job.client_id].extend(self._round_cost(job.client_id))
-        clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
-        if len(accepted) < self.settings.min_clients:
-            log.warning(
-                "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
-                "model is unchanged", round_index, len(accepted), self.settings.min_clients,
-            )
-            times = RoundTimes(0.0, planning_s + time.perf_counter() - received, clients_s)
-            return self._record(round_index, clients, rejected, mask, [], times, None, downloads)
-        weights = self.method.weights(accepted)
-        start = time.perf_counter()
-        new_state = self.method.aggregate(self.state, accepted, weights)
-        if self.train_head and self.method.shares_head:
-            head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
-            new_state = new_state.evolve(head=head)
-        aggregated = time.perf_counter()
-        times = RoundTimes(aggregated - start, planning_s + aggregated - received, clients_s)
-        # Under secure aggregation every accepted update carries the same sum: the
-        # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
-        secure = self.settings.secure_aggregation
-        errors = None if secure else aggregation_error(self.state, accepted, weights, new_state)
-        diagnostics = {}
-        if self.probe is not None:
-            diagnostics = realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
-        self._bump_versions(new_state)
-        self.state = new_state
-        record = self._record(round_index, clients, rejected, mask, accepted, times, errors, downloads)
-        record.diagnostics = diagnostics
-        return record
+        return accepted, rejected
 
     def _bump_versions(self, new_state: GlobalState) -> None:
         old = self.method.downloaded(self.state)

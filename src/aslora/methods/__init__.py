@@ -11,11 +11,14 @@ from aslora.methods.fedsvd import FedSVD
 from aslora.methods.ffa import FFA
 from aslora.methods.flexlora import FlexLoRA
 from aslora.methods.flora import FLoRA
+from aslora.methods.oracle import LookaheadOracle
 from aslora.methods.rolora import RoLoRA
 
 _PLAIN: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FFA, RoLoRA, FedSA, FedEx, FedSVD, FlexLoRA)}
 _WITH_CONTEXT = {m.name: m for m in (ASLoRA, FLoRA)}
 NAMES = (*_PLAIN, *_WITH_CONTEXT)
+# Non-private upper bounds, beside the methods but never among the baselines of a comparison.
+ORACLES: dict[str, type[Method]] = {m.name: m for m in (LookaheadOracle,)}
 # AS-LoRA's ablations (ALGORITHM.md): one choice of the selection switched, as config overrides.
 ABLATIONS: dict[str, dict[str, str]] = {
     "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
@@ -34,9 +37,11 @@ def get_method(name: str, context: MethodContext | None = None) -> Method:
         if context is None:
             raise ValueError(f"method {name!r} needs a MethodContext (selection, step size, noise, seed)")
         return _WITH_CONTEXT[name](context)
+    if name in ORACLES:
+        return ORACLES[name]()
     if name not in _PLAIN:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(NAMES)}")
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join((*NAMES, *ORACLES))}")
     return _PLAIN[name]()
 
 
-__all__ = ["ABLATIONS", "NAMES", "ClientUpdate", "GlobalState", "Mask", "Method", "MethodContext", "get_method"]
+__all__ = ["ABLATIONS", "NAMES", "ORACLES", "ClientUpdate", "GlobalState", "Mask", "Method", "MethodContext", "get_method"]

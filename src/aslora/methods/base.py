@@ -9,7 +9,7 @@ testable without a model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -145,6 +145,20 @@ class Method(ABC):
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """Method-specific figures to log with the round (AS-LoRA: its scores)."""
         return {}
+
+    def trials(self, round_index: int, state: GlobalState) -> list[Mask] | None:
+        """Masks to train side by side this round, then `choose` between (lookahead oracles);
+        None: train the one mask `plan` gives."""
+        return None
+
+    def choose(
+        self,
+        state: GlobalState,
+        candidates: Sequence[tuple[Mask, GlobalState]],
+        probe: Callable[[GlobalState], float],
+    ) -> tuple[GlobalState, Mask]:
+        """The next state and the mask it amounts to, from the trials' averaged states."""
+        raise NotImplementedError(f"method {self.name!r} trains one mask per round: it has nothing to choose")
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
