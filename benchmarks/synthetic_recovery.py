@@ -1,15 +1,24 @@
 """Synthetic low-rank recovery: each method's relative error on the layers whose target is
-inside / outside the initial A's row space, and rounds to reach a target error.
+inside / outside the initial A's row space, where it spent its rounds (share on A), how well
+its score ranked the realised decreases, and two NON-PRIVATE references.
 
-    python benchmarks/synthetic_recovery.py [--seeds 3] [--target 0.1]
+    python benchmarks/synthetic_recovery.py [--seeds 5] [--target 0.1] [--rows recovery.jsonl]
 
-Runs configs/synthetic.toml (DP-SGD at epsilon 3, 10 non-IID clients) for every
-method and AS-LoRA ablation, same seeds, and prints one table.
+Runs configs/synthetic.toml (DP-SGD at epsilon 3, 10 non-IID clients, a 512-example probe set on
+the server for the diagnostics) for every method and AS-LoRA ablation on the same seeds, then:
+- `oracle`: the lookahead oracle (methods/oracle.py) at the private runs' noise multiplier: it
+  trains both factors every round, keeps per layer the one the probe set prefers, and spends
+  about 1.2x the epsilon (printed);
+- `hindsight`: per seed and layer, the better of always-B (`ffa`) and alternation (`rolora`):
+  the best fixed per-layer policy in hindsight, composed from those runs' per-layer errors (layers
+  interact only through the joint clip), not a run of its own.
+Differences to `aslora` are paired by seed (same partition, targets and initial adapter).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -19,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from aslora.config import load_config
+from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.experiment import run_experiment
 from aslora.methods import ABLATIONS
 from aslora.tasks import SyntheticTask
@@ -28,47 +37,98 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {m: {"method": m} for m in ("fedavg", "ffa", "rolora", "aslora")} | ABLATIONS
 
 
+def run_one(config: ExperimentConfig, label: str, target: float) -> dict:
+    """One run's per-layer final errors, shares of rounds on A, calibration and time."""
+    inside = list(SyntheticTask.load(config).inside.values())
+    start = time.perf_counter()
+    result = run_experiment(config)
+    final = result.summary["final_metrics"]
+    errors = [v for k, v in final.items() if k.startswith("rel_error/")]
+    diagnostics = result.summary["selection_diagnostics"]
+    shares = list(diagnostics["share_of_rounds_on_a"].values())
+    reached = [int(r) + 1 for r, m in result.summary["metric_by_round"].items() if m["rel_error"] <= target]
+    return {
+        "variant": label, "seed": config.seed, "errors": errors, "inside": inside, "share_a": shares,
+        "spearman": diagnostics["spearman_predicted_realised"], "rounds_to_target": min(reached) if reached else None,
+        "epsilon": result.summary["epsilon"], "sigma": result.summary["noise_multiplier"],
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _part(row: dict, values: str, inside: bool | None) -> float:
+    return float(np.mean([v for v, i in zip(row[values], row["inside"], strict=True) if inside is None or i == inside]))
+
+
+def hindsight(rows: list[dict], seed: int) -> dict:
+    """Per layer, the lower final error of always-B (ffa) and alternation (rolora) at this seed."""
+    ffa, rolora = (next(r for r in rows if r["variant"] == v and r["seed"] == seed) for v in ("ffa", "rolora"))
+    errors = [min(a, b) for a, b in zip(ffa["errors"], rolora["errors"], strict=True)]
+    shares = [0.0 if a <= b else 0.5 for a, b in zip(ffa["errors"], rolora["errors"], strict=True)]
+    return {"variant": "hindsight", "seed": seed, "errors": errors, "inside": ffa["inside"], "share_a": shares,
+            "spearman": None, "rounds_to_target": None, "epsilon": ffa["epsilon"], "sigma": ffa["sigma"], "wall_s": 0.0}
+
+
+def table(rows: list[dict], seeds: int, epsilon: float, target: float) -> Table:
+    out = Table(title=f"synthetic recovery, epsilon {epsilon}, {seeds} seeds: final relative error (mean ± std)")
+    for column in ("method", "all layers", "inside", "outside", "vs aslora (paired)", "A share in/out",
+                   "Spearman", f"rounds to {target}", "eps", "s/run"):
+        out.add_column(column, justify="left" if column == "method" else "right")
+    reference = {r["seed"]: _part(r, "errors", None) for r in rows if r["variant"] == "aslora"}
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == label]
+        diffs = [_part(r, "errors", None) - reference[r["seed"]] for r in runs]
+        reach = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
+        rho = [r["spearman"] for r in runs if r["spearman"] is not None]
+        out.add_row(
+            label,
+            _spread([_part(r, "errors", None) for r in runs]),
+            _spread([_part(r, "errors", True) for r in runs]),
+            _spread([_part(r, "errors", False) for r in runs]),
+            "" if label == "aslora" else _spread(diffs, signed=True),
+            f"{np.mean([_part(r, 'share_a', True) for r in runs]):.2f} / {np.mean([_part(r, 'share_a', False) for r in runs]):.2f}",
+            f"{np.mean(rho):.2f}" if rho else "",
+            f"{np.mean(reach):.1f} ({len(reach)}/{len(runs)})" if reach else "never",
+            f"{max(r['epsilon'] for r in runs):.2f}",
+            f"{np.mean([r['wall_s'] for r in runs]):.1f}",
+        )
+    return out
+
+
+def _spread(values: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{np.mean(values):{sign}.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.1, help="relative error to reach")
+    parser.add_argument("--rows", type=Path, default=None, help="write one JSON line per run here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     base = load_config(REPO / "configs" / "synthetic.toml")
-    table = Table(title=f"synthetic recovery, epsilon {base.privacy.epsilon}, {args.seeds} seeds: final relative error (mean ± std)")
-    for column in ("method", "all layers", "inside row space", "outside row space", f"rounds to {args.target}", "s/run"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        if args.rows:  # as each run ends: a stopped benchmark keeps what it measured
+            with args.rows.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if args.rows:
+        args.rows.write_text("")
     with tempfile.TemporaryDirectory() as out:
         for label, overrides in VARIANTS.items():
-            finals, inside, outside, reach, times = [], [], [], [], []
             for seed in range(args.seeds):
-                config = base.with_overrides({**overrides, "seed": seed, "output_dir": out})
-                task_inside = SyntheticTask.load(config).inside
-                start = time.perf_counter()
-                result = run_experiment(config)
-                times.append(time.perf_counter() - start)
-                final = result.summary["final_metrics"]
-                per_layer = [v for k, v in final.items() if k.startswith("rel_error/")]
-                flags = list(task_inside.values())
-                finals.append(final["rel_error"])
-                inside.append(np.mean([e for e, f in zip(per_layer, flags, strict=True) if f]))
-                outside.append(np.mean([e for e, f in zip(per_layer, flags, strict=True) if not f]))
-                curve = result.summary["metric_by_round"]
-                hit = [int(r) + 1 for r, m in curve.items() if m["rel_error"] <= args.target]
-                reach.append(min(hit) if hit else np.nan)
-            table.add_row(
-                label,
-                _spread(finals),
-                _spread(inside),
-                _spread(outside),
-                "never" if np.all(np.isnan(reach)) else f"{np.nanmean(reach):.1f} ({int(np.sum(~np.isnan(reach)))}/{len(reach)})",
-                f"{np.mean(times):.1f}",
-            )
-    Console(width=140).print(table)
-
-
-def _spread(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+                keep(run_one(base.with_overrides({**overrides, "seed": seed, "output_dir": out}), label, args.target))
+        for seed in range(args.seeds):
+            raw = base.with_overrides({"method": "oracle", "seed": seed, "output_dir": out}).model_dump(mode="json")
+            sigma = next(r["sigma"] for r in rows if r["variant"] == "aslora" and r["seed"] == seed)
+            raw["privacy"] |= {"epsilon": None, "noise_multiplier": sigma}  # the private runs' noise, no budget
+            keep(run_one(parse_config(raw), "oracle", args.target))
+    for seed in range(args.seeds):
+        keep(hindsight(rows, seed))
+    Console(width=170).print(table(rows, args.seeds, base.privacy.epsilon, args.target))
 
 
 if __name__ == "__main__":

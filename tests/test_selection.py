@@ -152,6 +152,14 @@ def test_group_granularity_decides_per_group(groups: tuple[str, ...], expected: 
         assert {mask[layer] for layer in group} == ({"A"} if i == 0 else {"B"})
 
 
+def test_a_numbered_layer_is_its_own_block() -> None:
+    """Layers named '...layers.3' (the synthetic task's) have a block index at the end of the name."""
+    layers = [f"base_model.model.layers.{i}" for i in range(3)]
+    assert layer_groups(layers, "group", ["block"]) == [[layer] for layer in layers]
+    with pytest.raises(ValueError, match="has no block index"):
+        layer_groups(["classifier"], "group", ["block"])
+
+
 def test_group_patterns_must_cover_every_layer() -> None:
     with pytest.raises(ValueError, match="matches none of selection.groups"):
         layer_groups(LAYERS, "group", [r"layer\.0\."])

@@ -145,7 +145,7 @@ def layer_groups(layers: Sequence[str], granularity: str, patterns: Sequence[str
 
 def _group_key(layer: str, patterns: Sequence[str]) -> str:
     if list(patterns) == ["block"]:
-        found = re.search(r"\.(\d+)\.", layer)
+        found = re.search(r"\.(\d+)(?:\.|$)", layer)
         if found is None:
             raise ValueError(f"layer {layer} has no block index; use explicit selection.groups patterns")
         return found.group(1)
