@@ -111,7 +111,7 @@ class RunDirectory:
     def plot(self, records: list[RoundRecord], config: ExperimentConfig) -> list[Path]:
         title = f"{config.name}: {config.method}"
         paths = [plot_run(records, self.path / "metrics.png", title=title)]
-        if len({tuple(sorted((k, tuple(v)) for k, v in r.mask.items())) for r in records}) > 1:  # a choice to show
+        if records:
             paths.append(plot_mask(records, self.path / "mask.png", title=title))
         if any(r.diagnostics for r in records):
             paths.append(plot_calibration(records, self.path / "calibration.png", title=title))
