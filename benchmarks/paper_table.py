@@ -80,14 +80,14 @@ def machine() -> str:
 
 
 def cells(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> Iterator[tuple]:
-    """Every (task, epsilon, variant, seed) of the grid, with the folder its run lives in."""
+    """Every (task, regime fingerprint, epsilon, variant, seed) of the grid, with its run's folder."""
     for task in tasks:
         fingerprint = regime(suite, task)
         for eps in epsilons:
             for seed in range(seeds):  # seed-major: a partly run grid holds complete seeds first
                 for variant in variants:
-                    yield task, eps, variant, seed, (REPO / "runs" / "paper" / suite / f"{task}-{fingerprint}-eps{eps:g}"
-                                                             / f"{_slug(variant)}-s{seed}")
+                    folder = REPO / "runs" / "paper" / suite / f"{task}-{fingerprint}-eps{eps:g}" / f"{_slug(variant)}-s{seed}"
+                    yield task, fingerprint, eps, variant, seed, folder
 
 
 def results_file(suite: str) -> Path:
@@ -120,8 +120,8 @@ def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric
 
 def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str) -> None:
     finished = {_key(r) for r in load_rows(suite)}
-    for task, eps, variant, seed, folder in cells(suite, tasks, epsilons, seeds, variants):
-        if (task, regime(suite, task), eps, variant, seed) in finished:
+    for task, fingerprint, eps, variant, seed, folder in cells(suite, tasks, epsilons, seeds, variants):
+        if (task, fingerprint, eps, variant, seed) in finished:
             continue
         config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task)).with_overrides(
             {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir}
@@ -129,7 +129,7 @@ def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variant
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json") if not (p.parent / "summary.json").exists())
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
-        row = row_of(task, eps, variant, seed, result.summary, "accuracy", regime(suite, task))
+        row = row_of(task, eps, variant, seed, result.summary, "accuracy", fingerprint)
         results_file(suite).parent.mkdir(parents=True, exist_ok=True)
         with results_file(suite).open("a") as f:
             f.write(json.dumps(row) + "\n")

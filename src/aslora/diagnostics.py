@@ -17,12 +17,10 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from aslora.methods.base import GlobalState
+from aslora.methods.base import GlobalState, ProbeLoss
 
 if TYPE_CHECKING:
     from aslora.server import RoundRecord
-
-ProbeLoss = Callable[[GlobalState], float]  # the mean loss of a global state on the probe set
 
 
 @torch.no_grad()

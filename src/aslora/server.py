@@ -197,6 +197,7 @@ class Trial:
     weights: list[float] = field(default_factory=list)
     state: GlobalState | None = None  # None: too few sound updates to aggregate
     aggregation_s: float = 0.0
+    server_s: float = 0.0  # the server's checks and aggregation of this trial
 
 
 class Federation:
@@ -284,10 +285,11 @@ class Federation:
             log.warning("round %d: every client has spent its privacy budget; stopping", round_index)
             return None
         started = time.perf_counter()
-        predicted = self.method.describe(self.state).get("scores", {})  # what this round's decision reads
         clients = self.sample(round_index, eligible)
         faults = self.faults(round_index, clients)
         masks = self.method.trials(round_index, self.state) or [self.method.plan(round_index, self.state)]
+        if len(masks) > 1 and self.probe is None:
+            raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
         downloads = [self._download(c) for c in clients]
         for c in clients:
             self._seen[c] = dict(self._version)
@@ -296,28 +298,28 @@ class Federation:
         received = time.perf_counter()
         first = trials[0]
         clients_s = sum(t.clients_s for t in trials)
+        checks_s = sum(t.server_s for t in trials)  # validation and aggregation inside each trial
         if any(t.state is None for t in trials):
             log.warning(
                 "round %d skipped: %d valid updates, fewer than federation.min_clients=%d; the global "
                 "model is unchanged", round_index, min(len(t.accepted) for t in trials), self.settings.min_clients,
             )
-            times = RoundTimes(0.0, planning_s + time.perf_counter() - received, clients_s)
+            times = RoundTimes(0.0, planning_s + checks_s + time.perf_counter() - received, clients_s)
             return self._record(round_index, clients, first.rejected, first.mask, [], times, None, downloads)
         if len(trials) == 1:
             new_state, mask = first.state, first.mask
-            # Under secure aggregation every accepted update carries the same sum: the
-            # ideal sum_i p_i B_i A_i is unknown to the server, so the error is not measured.
-            secure = self.settings.secure_aggregation
-            errors = None if secure else aggregation_error(self.state, first.accepted, first.weights, new_state)
         else:  # a lookahead oracle keeps, layer by layer, the trial the probe set prefers
-            if self.probe is None:
-                raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
             new_state, mask = self.method.choose(self.state, [(t.mask, t.state) for t in trials], self.probe)
-            errors = None  # each trial was averaged exactly; their per-layer mix has no single ideal
         aggregated = time.perf_counter()
-        times = RoundTimes(sum(t.aggregation_s for t in trials), planning_s + aggregated - received, clients_s)
+        # Under secure aggregation every accepted update carries the same sum: the ideal
+        # sum_i p_i B_i A_i is unknown to the server, so the error is not measured; nor for an
+        # oracle's per-layer mix of trials, each averaged exactly, which has no single ideal.
+        measurable = len(trials) == 1 and not self.settings.secure_aggregation
+        errors = aggregation_error(self.state, first.accepted, first.weights, new_state) if measurable else None
+        times = RoundTimes(sum(t.aggregation_s for t in trials), planning_s + checks_s + aggregated - received, clients_s)
         diagnostics = {}
-        if self.probe is not None:
+        if self.probe is not None:  # self.state is still the round's start: its scores chose this round's mask
+            predicted = self.method.describe(self.state).get("scores", {})
             diagnostics = realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
         self._bump_versions(new_state)
         self.state = new_state
@@ -345,17 +347,19 @@ class Federation:
         ]
         starts = [self.method.client_start(self.state, c) for c in clients]
         results = self.engine.train(starts, jobs, done)
+        received = time.perf_counter()
         accepted, rejected = self._accept(round_index, jobs, starts, results, mask, late)
         clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
         if len(accepted) < self.settings.min_clients:
-            return Trial(mask, accepted, rejected, clients_s)
+            return Trial(mask, accepted, rejected, clients_s, server_s=time.perf_counter() - received)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         state = self.method.aggregate(self.state, accepted, weights)
         if self.train_head and self.method.shares_head:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             state = state.evolve(head=head)
-        return Trial(mask, accepted, rejected, clients_s, weights, state, time.perf_counter() - start)
+        done_at = time.perf_counter()
+        return Trial(mask, accepted, rejected, clients_s, weights, state, done_at - start, done_at - received)
 
     def _accept(
         self, round_index: int, jobs: list[ClientJob], starts: list[GlobalState],

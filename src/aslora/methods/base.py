@@ -58,6 +58,9 @@ class GlobalState:
         return replace(self, **changes)
 
 
+ProbeLoss = Callable[[GlobalState], float]  # a state's mean loss on the server's probe set (data.probe_size)
+
+
 @dataclass
 class ClientUpdate:
     """What one client returns after a round: only what it trained."""
@@ -155,7 +158,7 @@ class Method(ABC):
         self,
         state: GlobalState,
         candidates: Sequence[tuple[Mask, GlobalState]],
-        probe: Callable[[GlobalState], float],
+        probe: ProbeLoss,
     ) -> tuple[GlobalState, Mask]:
         """The next state and the mask it amounts to, from the trials' averaged states."""
         raise NotImplementedError(f"method {self.name!r} trains one mask per round: it has nothing to choose")

@@ -10,10 +10,10 @@ multiplier (privacy.noise_multiplier, no epsilon budget) to compare decisions at
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from aslora.methods.base import AveragingMethod, GlobalState, Mask
+from aslora.methods.base import AveragingMethod, GlobalState, Mask, ProbeLoss
 
 
 class LookaheadOracle(AveragingMethod):
@@ -29,7 +29,7 @@ class LookaheadOracle(AveragingMethod):
         self,
         state: GlobalState,
         candidates: Sequence[tuple[Mask, GlobalState]],
-        probe: Callable[[GlobalState], float],
+        probe: ProbeLoss,
     ) -> tuple[GlobalState, Mask]:
         """Per layer, the trial whose update alone lowers the probe loss most; the head comes
         from the trial that lowers it most as a whole."""
