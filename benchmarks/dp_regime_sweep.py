@@ -66,8 +66,10 @@ def run(
     for name, overrides in load_grid(grid_path).items():
         if (str(config_path), name) in finished or (only and name not in only):
             continue
-        config = load_config(config_path).with_overrides(
-            {"data.validation_size": validation, "data.dir": data_dir, "output_dir": str(out / name)} | overrides
+        base = load_config(config_path)
+        config = base.for_method(
+            overrides.get("method", base.method),
+            {"data.validation_size": validation, "data.dir": data_dir, "output_dir": str(out / name)} | overrides,
         )
         started = time.perf_counter()
         result = run_experiment(config)

@@ -38,7 +38,7 @@ import numpy as np
 from data_dir import add_data_dir
 from scipy import stats
 
-from aslora.config import load_config
+from aslora.config import ExperimentConfig, load_config
 from aslora.experiment import run_experiment
 from aslora.methods import ABLATIONS, NAMES
 from aslora.report import plot_comparison, rounds_to_reach
@@ -61,14 +61,21 @@ def _slug(text: str) -> str:
     return text.replace(" ", "-")
 
 
-def regime(suite: str, task: str) -> str:
-    """A short fingerprint of the task's config as loaded, less what the grid sets per cell: rows of
-    an edited regime must never be averaged with, or skip, the rows of the one before."""
-    config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task)).model_dump(mode="json")
+def task_config(suite: str, task: str) -> ExperimentConfig:
+    return load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task))
+
+
+def regime(suite: str, task: str, variant: str) -> str:
+    """A short fingerprint of the config a variant runs (its method's per_method table applied),
+    less what the grid sets per cell: rows of an edited regime must never be averaged with, or
+    skip, the rows of the one before. Methods without a per_method table share the task's. Only
+    what differs from the defaults counts, so a new config key leaves the fingerprints as they were."""
+    resolved = task_config(suite, task).for_method(VARIANTS[variant]["method"])
+    config = resolved.model_dump(mode="json", exclude_defaults=True)
     for key in ("method", "seed", "output_dir", "name"):
         config.pop(key, None)
-    config["privacy"].pop("epsilon", None)
-    config["data"].pop("dir", None)
+    config.get("privacy", {}).pop("epsilon", None)
+    config.get("data", {}).pop("dir", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -82,10 +89,11 @@ def machine() -> str:
 def cells(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> Iterator[tuple]:
     """Every (task, regime fingerprint, epsilon, variant, seed) of the grid, with its run's folder."""
     for task in tasks:
-        fingerprint = regime(suite, task)
+        fingerprints = {variant: regime(suite, task, variant) for variant in variants}
         for eps in epsilons:
             for seed in range(seeds):  # seed-major: a partly run grid holds complete seeds first
                 for variant in variants:
+                    fingerprint = fingerprints[variant]
                     folder = REPO / "runs" / "paper" / suite / f"{task}-{fingerprint}-eps{eps:g}" / f"{_slug(variant)}-s{seed}"
                     yield task, fingerprint, eps, variant, seed, folder
 
@@ -123,8 +131,9 @@ def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variant
     for task, fingerprint, eps, variant, seed, folder in cells(suite, tasks, epsilons, seeds, variants):
         if (task, fingerprint, eps, variant, seed) in finished:
             continue
-        config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task)).with_overrides(
-            {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir}
+        config = task_config(suite, task).for_method(
+            VARIANTS[variant]["method"],
+            {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir},
         )
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json") if not (p.parent / "summary.json").exists())
         started = time.perf_counter()
@@ -195,9 +204,11 @@ def block(task: str, eps: float, rows: list[dict], out: Path, suite: str) -> lis
 def table(suite: str) -> Path:
     """`<suite>.md` and its plots, from `<suite>.jsonl` alone."""
     rows = load_rows(suite)
-    current = {task: regime(suite, task) for task in {r["task"] for r in rows}}
-    stale = [r for r in rows if r.get("regime") != current[r["task"]]]
-    rows = [r for r in rows if r.get("regime") == current[r["task"]]]
+    pairs = {(r["task"], r["variant"]) for r in rows}
+    current = {(task, variant): regime(suite, task, variant) for task, variant in pairs}
+    stale = [r for r in rows if r.get("regime") != current[r["task"], r["variant"]]]
+    rows = [r for r in rows if r.get("regime") == current[r["task"], r["variant"]]]
+    shown = sorted({(task, fingerprint) for (task, _), fingerprint in current.items()})
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], float(r["epsilon"])), []).append(r)
@@ -209,7 +220,7 @@ def table(suite: str) -> Path:
         f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}."),
         (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."
         if stale else "Every row was run with the configs as they stand (regime fingerprints "
-        f"{', '.join(f'{t} {h}' for t, h in sorted(current.items()))})."),
+        f"{', '.join(f'{t} {h}' for t, h in shown)})."),
         (f"Commands: `python benchmarks/paper_table.py run --suite {suite} ...`, then "
         f"`python benchmarks/paper_table.py table --suite {suite}`."),
         "",

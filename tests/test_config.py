@@ -81,6 +81,8 @@ def test_overrides_are_validated() -> None:
     assert config.with_overrides({"privacy.epsilon": 1.0}).privacy.epsilon == 1.0
     with pytest.raises(ConfigError, match="privacy.epsilon"):
         config.with_overrides({"privacy.epsilon": -1.0})
+    with pytest.raises(ConfigError, match="unknown section 'privacyy' in override 'privacyy.epsilon'"):
+        config.with_overrides({"privacyy.epsilon": 1.0})
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -109,3 +111,36 @@ def test_secure_aggregation_refuses_stragglers_and_single_clients() -> None:
         parse_config({"method": "aslora", "federation": {"secure_aggregation": True, "stragglers": 0.2}})
     with pytest.raises(ConfigError, match="clients_per_round >= 2"):
         parse_config({"method": "aslora", "federation": {"secure_aggregation": True, "clients_per_round": 1}})
+
+
+def test_per_method_settings_apply_to_their_method_only_and_flags_win() -> None:
+    """Each baseline at its own tuned lr: [per_method.<m>] over the shared settings, then the flags."""
+    config = parse_config({"method": "ffa", "optim": {"lr": 8.0}, "per_method": {"aslora": {"optim": {"lr": 4.0}}}})
+    assert config.optim.lr == 8.0  # as loaded, nothing is applied yet
+    aslora = config.for_method("aslora")
+    assert aslora.method == "aslora" and aslora.optim.lr == 4.0 and aslora.per_method == {}
+    assert config.for_method("ffa").optim.lr == 8.0  # switching starts from the file's settings
+    assert config.for_method("aslora", {"optim.lr": 2.0}).optim.lr == 2.0
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"fedavgg": {"optim": {"lr": 1.0}}}, "per_method.fedavgg: no such method"),
+        ({"ffa": {"seed": 3}}, "per_method.ffa: seed cannot differ by method"),
+        ({"ffa": {"optim": {"lrr": 1.0}}}, "per_method.ffa: .*optim.lrr"),
+        ({"ffa": {"optim": {"lr": -1.0}}}, "per_method.ffa: .*optim.lr"),
+        ({"ffa": {"optimm": {"lr": 1.0}}}, "per_method.ffa: optimm cannot differ by method"),
+    ],
+)
+def test_a_bad_per_method_table_fails_at_load_naming_it(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"per_method": table})
+
+
+def test_a_run_refuses_a_config_whose_per_method_tables_are_not_applied() -> None:
+    from aslora.experiment import prepare
+
+    config = parse_config({"per_method": {"ffa": {"optim": {"lr": 1.0}}}})
+    with pytest.raises(ConfigError, match="for_method"):
+        prepare(config)

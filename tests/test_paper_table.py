@@ -50,13 +50,21 @@ def test_a_regime_fingerprint_changes_with_a_setting_not_with_a_comment_or_a_cel
     """Rows of an edited config must not be averaged with (or skip) the rows run before the edit."""
     (tmp_path / "configs" / "paper").mkdir(parents=True)
     config = tmp_path / "configs" / "paper" / "sst2.toml"
-    original = (paper_table.REPO / "configs" / "paper" / "sst2.toml").read_text()
+    original = (paper_table.REPO / "configs" / "paper" / "sst2.toml").read_text().split("\n[per_method")[0]
     monkeypatch.setattr(paper_table, "REPO", tmp_path)
     config.write_text(original)
-    before = paper_table.regime("cpu", "sst2")
+    before = paper_table.regime("cpu", "sst2", "ffa")
     config.write_text("# a new comment\n" + original.replace('method = "aslora"', 'method = "ffa"').replace("seed = 0", "seed = 4"))
-    assert paper_table.regime("cpu", "sst2") == before  # per-cell settings and comments are not the regime
-    config.write_text(original.replace("lr = 8.0", "lr = 4.0"))
-    assert paper_table.regime("cpu", "sst2") != before
+    assert paper_table.regime("cpu", "sst2", "ffa") == before  # per-cell settings and comments are not the regime
+    config.write_text(original.replace("[data]\n", "[data]\nprobe_size = 0\n"))
+    assert paper_table.regime("cpu", "sst2", "ffa") == before  # a default spelled out (or a new key) is no change
+    config.write_text(original.replace("batch_size = 512", "batch_size = 256"))
+    assert paper_table.regime("cpu", "sst2", "ffa") != before
+    # A method's own per_method table is its regime alone: the other methods' rows stand.
+    config.write_text(original)
+    fedavg, aslora = paper_table.regime("cpu", "sst2", "fedavg"), paper_table.regime("cpu", "sst2", "aslora tied")
+    config.write_text(original + "\n[per_method.fedavg]\noptim.lr = 0.5\n")
+    assert paper_table.regime("cpu", "sst2", "fedavg") != fedavg
+    assert paper_table.regime("cpu", "sst2", "aslora tied") == aslora == paper_table.regime("cpu", "sst2", "aslora")
     row = _row("aslora", 0, [0.6, 0.8])
     assert paper_table._key(row) != paper_table._key(row | {"regime": before})

@@ -101,6 +101,23 @@ def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, 
         _assert_adapter_reloads(run, tiny_config.with_overrides({"method": summary["method"]}), summary)
 
 
+def test_cli_compare_runs_side_by_side_each_method_with_its_own_settings(
+    tiny_config: ExperimentConfig, tmp_path: Path
+) -> None:
+    """--workers 2: one process per run; a [per_method] table reaches its method's run alone."""
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(as_toml(tiny_config.with_overrides({"federation.rounds": 1})) + "[per_method.ffa]\noptim.lr = 0.25\n")
+    result = CliRunner().invoke(app, ["compare", str(config_file), "--methods", "fedavg,ffa", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    used = {}
+    for run in Path(tiny_config.output_dir).glob("*/config.json"):
+        config = json.loads(run.read_text())["config"]
+        used[config["method"]] = config["optim"]["lr"]
+        assert config["per_method"] == {}  # what the run used, tables applied
+    assert used == {"fedavg": tiny_config.optim.lr, "ffa": 0.25}
+    assert "fedavg" in result.output and "ffa" in result.output
+
+
 def _assert_adapter_reloads(run: Path, config: ExperimentConfig, summary: dict) -> None:
     """The exported adapter, loaded by PEFT alone, gives the run's final logits (via its metrics)."""
     base = pooled_classifier(resolve_model("minilm"), "mean", 2)  # what model.pooling 'auto' builds for MiniLM

@@ -27,6 +27,10 @@ TASKS = (
 SECURE_METHODS = ("fedavg", "ffa", "rolora", "aslora")
 
 
+INVALID = "invalid configuration:\n  "
+SECTIONS = ("model", "lora", "data", "federation", "optim", "privacy", "selection", "synthetic")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
@@ -205,6 +209,26 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     selection: SelectionConfig = SelectionConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Settings that differ by method (each baseline at its own tuned lr, as papers compare them):
+    # [per_method.<method>] tables over the sections above, applied by `for_method`.
+    per_method: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _per_method(self) -> ExperimentConfig:
+        for method, table in self.per_method.items():
+            if method not in METHODS:
+                raise ValueError(f"per_method.{method}: no such method; choose among {', '.join(METHODS)}")
+            misplaced = sorted(set(table) - set(SECTIONS))
+            if misplaced:
+                raise ValueError(
+                    f"per_method.{method}: {', '.join(misplaced)} cannot differ by method; a per_method "
+                    f"table holds only the sections {', '.join(SECTIONS)}"
+                )
+            try:
+                self.for_method(method)
+            except ConfigError as exc:
+                raise ValueError(f"per_method.{method}: {str(exc).removeprefix(INVALID)}") from None
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -274,10 +298,32 @@ class ExperimentConfig(_Section):
                 continue
             node = raw
             *parents, leaf = dotted.split(".")
-            for part in parents:
+            for depth, part in enumerate(parents):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown section '{'.'.join(parents[: depth + 1])}' in override '{dotted}'")
                 node = node[part]
             node[leaf] = value
         return parse_config(raw)
+
+    def for_method(self, method: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+        """The config a run of `method` uses: its per_method table over the shared settings, then
+        `overrides` (the command line's, which win). The result has no per_method left, so it is
+        resolved once: switching method again starts from the file's config."""
+        if method not in METHODS:
+            raise ConfigError(f"method '{method}' is unknown; choose among {', '.join(METHODS)}")
+        table = _dotted(self.per_method.get(method, {}))
+        return self.with_overrides({**table, "method": method, "per_method": {}, **(overrides or {})})
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 4.0}} -> {'optim.lr': 4.0}: TOML's nested tables as override keys."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _check_secure(config: ExperimentConfig) -> None:
@@ -318,7 +364,7 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e, ExperimentConfig) for e in exc.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(INVALID + "\n  ".join(lines)) from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -164,6 +164,11 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
 
 def prepare(config: ExperimentConfig) -> Setup:
     """Data, client shards, privacy plan, model and client settings, all from the seed."""
+    if config.per_method:
+        raise ConfigError(
+            f"per_method tables ({', '.join(config.per_method)}) are not applied yet: run "
+            f"config.for_method({config.method!r}) first, as the command line does"
+        )
     task = load_task(config)
     train, probe = set_apart(task.train, config.data.probe_size, config.seed)
     shards = partition(train, config.data, config.seed, min_size=config.optim.batch_size)

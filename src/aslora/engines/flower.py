@@ -338,6 +338,10 @@ def main(grid: Grid, context: Context) -> None:
     if not path:
         raise ValueError(f"name the experiment: run config 'config' or ${CONFIG_ENV}, a TOML or JSON file")
     path = Path(str(path))
-    config = parse_config(json.loads(path.read_text())) if path.suffix == ".json" else load_config(path)
+    if path.suffix == ".json":  # a run directory's resolved config
+        config = parse_config(json.loads(path.read_text()))
+    else:
+        config = load_config(path)
+        config = config.for_method(config.method)
     result = run_experiment(config, engine=lambda setup: FlowerEngine(grid, context, setup))
     log.info("results in %s", result.directory)
