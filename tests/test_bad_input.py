@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,33 @@ def test_single_class_clients_are_ordinary_non_iid_data(tmp_path: Path, data_dir
     assert sorted(tuple(set(s["label"])) for s in prepare(config).shards) == [(0,), (1,)]
     result = run_experiment(config)
     assert result.summary["rounds_completed"] == 1 and result.records[0].rejected == []
+
+
+def test_a_client_that_under_reports_its_privacy_cost_is_rejected_and_charged_the_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server charges the cost of the job it sent, never the client's own account of it."""
+    from aslora.checkpoint import load_checkpoint
+    from aslora.engines.local import LocalEngine
+    from aslora.experiment import run_experiment
+
+    class UnderReporting(LocalEngine):
+        def train(self, starts, jobs, done):  # type: ignore[no-untyped-def]
+            results = super().train(starts, jobs, done)
+            sigma, rate, _ = results[0].privacy_history[0]
+            results[0].privacy_history = [(sigma * 10, rate, 1)]  # claims far less than it spent
+            return results
+
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path), "method": "ffa", "federation.rounds": 1}
+    )
+    with caplog.at_level("WARNING", logger="aslora.server"):
+        result = run_experiment(config, engine=lambda s: UnderReporting(s.view, s.shards, s.task.encode, s.local, s.task.loss))
+    (record,) = result.records
+    assert any("reported privacy history" in r.message for r in caplog.records)
+    assert record.rejected == record.clients[:1]
+    histories = dict(load_checkpoint(result.directory).server["histories"])
+    plan = json.loads((result.directory / "config.json").read_text())["privacy_plan"]
+    for client in record.clients:  # the honest client and the liar alike: sigma, b / n, local steps
+        rate = config.optim.batch_size / plan["client_sizes"][client]
+        assert histories[client] == [[plan["noise_multiplier"], pytest.approx(rate, rel=1e-12), config.federation.local_steps]]

@@ -125,6 +125,22 @@ def upload(method: Method, update: ClientUpdate) -> dict[str, torch.Tensor]:
     return payload
 
 
+def misreported_cost(reported: Sequence[tuple[float, float, int]], planned: Sequence[tuple[float, float, int]]) -> str | None:
+    """Why a client's own privacy history contradicts the job it was sent, or None if it agrees.
+
+    A client that reports less than it was asked to spend ran another job than the one the
+    server accounts for: its update is not the one the privacy plan covers."""
+    same = len(reported) == len(planned) and all(
+        len(r) == 3 and math.isclose(r[0], p[0], rel_tol=1e-9) and math.isclose(r[1], p[1], rel_tol=1e-9)
+        and int(r[2]) == p[2]
+        for r, p in zip(reported, planned, strict=False)
+    )
+    if same:
+        return None
+    return (f"its reported privacy history {[tuple(r) for r in reported]} differs from the job's "
+            f"(sigma, sample rate, steps) {list(planned)}; the planned cost is charged")
+
+
 def validate_update(
     update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
 ) -> str | None:
@@ -378,16 +394,18 @@ class Federation:
                 reason = validate_update(result, self.state, mask, self.train_head, self.method.statistics)
                 if reason is None and not self.settings.secure_aggregation:
                     reason = moved_too_far(result, start, self.settings.local, self.sizes[job.client_id])
+                if reason is None and self.settings.dp_enabled:
+                    reason = misreported_cost(result.privacy_history, self._round_cost(job.client_id))
             if reason is None:
                 accepted.append(result)
-                self.histories[job.client_id].extend(result.privacy_history)
             else:
                 rejected.append(job.client_id)
                 log.warning("round %d: rejected client %d: %s", round_index, job.client_id, reason)
-                trained = not isinstance(result, Exception) or isinstance(result, RejectedAfterTraining)
-                if trained and self.settings.dp_enabled:
-                    # It trained on its data all the same: charge the round as planned.
-                    self.histories[job.client_id].extend(self._round_cost(job.client_id))
+            trained = not isinstance(result, Exception) or isinstance(result, RejectedAfterTraining)
+            if trained and self.settings.dp_enabled:
+                # The server charges the cost of the job it sent (sigma, sampling rate, steps),
+                # never what a client reports: a client that trained spent it, update kept or not.
+                self.histories[job.client_id].extend(self._round_cost(job.client_id))
         return accepted, rejected
 
     def _bump_versions(self, new_state: GlobalState) -> None:
