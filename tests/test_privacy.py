@@ -255,3 +255,31 @@ def test_batch_scaling_by_size_refuses_a_rate_of_one() -> None:
     config = load_config(REPO / "tests" / "base.toml").with_overrides({"optim.batch_scaling": "by_size", "optim.batch_size": 600})
     with pytest.raises(ConfigError, match="optim.batch_size=600 is not below the mean client size"):
         local_settings(config, [300, 500], DPSettings(False, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(("n", "b"), [(49, 32), (49, 16)])
+def test_one_expected_batch_size_where_opacus_would_round_it_down(task_and_view, n: int, b: int) -> None:
+    """Opacus's make_private divides by int(n q), b - 1 at these shard sizes (float rounding); DP-SGD's
+    mean, the noise variance nu, the norm bound and the accountant's q must all use q n = b."""
+    from torch.utils.data import TensorDataset
+
+    from aslora.privacy import sample_rate
+
+    task, view = task_and_view
+    full = task.encode(task.train)
+    data = TensorDataset(*(t[:n] for t in full.tensors))
+    q = sample_rate(b, n)
+    assert int(n * q) == b - 1  # the trap
+    params = view.set_trainable({layer: ("B",) for layer in view.layers}, train_head=False)
+    dp = DPSettings(enabled=True, noise_multiplier=1.1, clip=0.5)
+    accountant = new_accountant("rdp")
+    with private_training(view.model, params, data, q, "sgd", 0.1, dp, accountant, torch.Generator().manual_seed(0)) as s:
+        assert s.optimizer.expected_batch_size == pytest.approx(b, rel=1e-12)
+        assert s.noise_variance == pytest.approx((1.1 * 0.5 / b) ** 2, rel=1e-12)
+        s.module.train()
+        s.optimizer.zero_grad(set_to_none=True)
+        task.loss(s.module, data[:4]).backward()
+        s.step()
+    assert accountant.history == [(1.1, q, 1)]
+    local = LocalSettings(steps=3, lr=0.1, batch_size=b, optimizer="sgd", dp=dp, accountant="rdp", train_head=False)
+    assert local.rate(n) == q and local.expected_batch(n) == pytest.approx(b, rel=1e-12)
