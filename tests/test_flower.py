@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from conftest import as_toml, metric_rows
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from aslora.checkpoint import load_checkpoint
 from aslora.cli import app
 from aslora.config import ExperimentConfig
 from aslora.experiment import run_experiment
@@ -110,6 +112,38 @@ def test_loopback_deployment_runs_and_leaves_no_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (summary,) = (tmp_path / "runs").glob("*/summary.json")
     assert json.loads(summary.read_text())["rounds_completed"] == 2
+    assert _none_left("cmdline", f"127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path: Path) -> None:
+    """SIGKILL one SuperNode (and its ClientApp) while a round is in flight: the server waits
+    federation.round_timeout_s, rejects that client (logged, charged) and the run goes on."""
+    config = _small_synthetic(tmp_path, clients=3)
+    # A healthy round takes seconds (a ClientApp process per message); 60 s leaves room for a slow CI.
+    config.write_text(config.read_text().replace("[federation]\n", "[federation]\nround_timeout_s = 60\n"))
+    port = 20000 + (os.getpid() + 7) % 5000
+    deploy = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "flower_local_deploy.py"), str(config), "--port", str(port), "--timeout", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any(p.read_text().strip() for p in (tmp_path / "runs").glob("*/metrics.jsonl")):
+        assert deploy.poll() is None and time.monotonic() < deadline, "the deployment ended before its first round"
+        time.sleep(0.1)
+    (victim,) = _processes("cmdline", f"--port {port + 3} ")  # partition 2's SuperNode
+    os.killpg(victim, signal.SIGKILL)  # a session of its own: its ClientApp goes with it
+    output, _ = deploy.communicate(timeout=600)
+    assert deploy.returncode == 0, output[-3000:]
+    (run,) = (p.parent for p in (tmp_path / "runs").glob("*/summary.json"))
+    rows = metric_rows(run)
+    assert len(rows) == 2 and json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
+    assert [r["clients"] for r in rows] == [[0, 1, 2]] * 2 and [r["rejected"] for r in rows] == [[], [2]]
+    lost = ("rejected client 2: client 2 did not answer within federation.round_timeout_s=60",
+            "rejected client 2: client 2's SuperNode was lost")
+    assert any(text in output for text in lost), output[-3000:]
+    histories = dict(load_checkpoint(run).server["histories"])
+    assert sum(h[2] for h in histories[2]) == 2 * 5  # charged for the round it was lost in, too
     assert _none_left("cmdline", f"127.0.0.1:{port}")
 
 

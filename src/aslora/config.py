@@ -125,6 +125,11 @@ class FederationConfig(_Section):
     secure_range: float = Field(
         16.0, gt=0, description="SecAgg+ fixed-point range: every value a client sends must lie in [-range, range]"
     )
+    round_timeout_s: float = Field(
+        900.0, gt=0, allow_inf_nan=False,
+        description="Flower: how long the server waits for a round's replies; a client that has not answered "
+        "by then is rejected for the round (and charged: it may have trained)",
+    )
 
 
 class OptimConfig(_Section):

@@ -71,6 +71,11 @@ class RejectedAfterTraining(Exception):
     """A client trained (spending privacy) but its update cannot be used; it is charged the round."""
 
 
+class NoAnswer(RejectedAfterTraining):
+    """A client sent a job did not answer in time (killed, cut off, too slow). It may have trained
+    on its data before it was lost, so it is charged the round, like one that did."""
+
+
 @dataclass(frozen=True)
 class RoundTimes:
     """Where a round's time went; the simulator's own measurements (bytes, errors) left out."""

@@ -38,7 +38,13 @@ from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
 from aslora.methods.base import ClientUpdate, GlobalState
-from aslora.server import RejectedAfterTraining, layout_problem, moved_too_far, value_problem
+from aslora.server import (
+    NoAnswer,
+    RejectedAfterTraining,
+    layout_problem,
+    moved_too_far,
+    value_problem,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "ASLORA_FLOWER_CONFIG"  # path of the experiment TOML the ServerApp runs
@@ -232,7 +238,11 @@ class FlowerEngine:
         for node, reply in replies.items():
             results[sent[node][1].client_id] = reply
             done(sent[node][1].client_id)
-        return [results.get(j.client_id, TimeoutError(f"client {j.client_id} did not answer")) for j in jobs]
+        timeout = self.config.federation.round_timeout_s
+        return [
+            results.get(j.client_id, NoAnswer(f"client {j.client_id} did not answer within federation.round_timeout_s={timeout:g}"))
+            for j in jobs
+        ]
 
     def _train_plain(self, sent: Mapping[int, tuple[GlobalState, ClientJob]]) -> dict[int, ClientUpdate | Exception]:
         messages = [
@@ -243,11 +253,18 @@ class FlowerEngine:
             )
             for node, (state, job) in sent.items()
         ]
+        received = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+        # Pushing gave each message its id. A reply names the message it answers; its source is
+        # not always the node: the SuperLink itself answers for a node it has lost.
+        node_of = {m.metadata.message_id: node for m, node in zip(messages, sent, strict=True)}
         replies: dict[int, ClientUpdate | Exception] = {}
-        for reply in self.grid.send_and_receive(messages):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                replies[node] = RuntimeError(f"client {sent[node][1].client_id} failed: {reply.error.reason}")
+        for reply in received:
+            node = node_of[reply.metadata.reply_to_message_id]
+            client = sent[node][1].client_id
+            if reply.has_error() and reply.metadata.src_node_id != node:  # lost: it may have trained
+                replies[node] = NoAnswer(f"client {client}'s SuperNode was lost: {reply.error.reason}")
+            elif reply.has_error():
+                replies[node] = RuntimeError(f"client {client} failed: {reply.error.reason}")
             else:
                 replies[node] = decode_update(reply.content)
         return replies
@@ -262,21 +279,23 @@ class FlowerEngine:
         }
         round_index = next(iter(sent.values()))[1].round_index
         outcome = secagg.secure_round(
-            self.grid, self.context, instructions, round_index, self.max_weight, self.config.federation.secure_range
+            self.grid, self.context, instructions, round_index, self.max_weight, self.config.federation.secure_range,
+            self.config.federation.round_timeout_s,
         )
         if outcome is None:
-            halted = RuntimeError("secure aggregation halted: too few clients answered to unmask the sum")
+            # Those that answered had trained: every client sent the job is charged.
+            halted = NoAnswer("secure aggregation halted: too few clients answered to unmask the sum")
             return dict.fromkeys(sent, halted)
         metrics, mean = outcome
         replies: dict[int, ClientUpdate | Exception] = {
-            node: RuntimeError(f"client {job.client_id} left the secure round (failed or too late)")
+            node: NoAnswer(f"client {job.client_id} left the secure round (failed, or too late for federation.round_timeout_s)")
             for node, (_, job) in sent.items()
         }
         metas = {node: json.loads(str(m["meta"])) for node, m in metrics.items()}
         layouts = {json.dumps([m["names"], m["dtypes"]]) for m in metas.values() if not m["rejected"]}
         for node, meta in metas.items():
             if len(layouts) > 1:  # positions were summed: one layout or nothing is usable
-                replies[node] = RuntimeError("the clients' secure updates disagree on their layout")
+                replies[node] = RejectedAfterTraining("the clients' secure updates disagree on their layout")
             else:
                 replies[node] = decode_secure_update(meta, mean)
         return replies

@@ -120,6 +120,7 @@ def secure_round(
     round_index: int,
     max_weight: int,
     value_range: float,
+    timeout_s: float,
 ) -> tuple[dict[int, dict[str, Any]], list[np.ndarray]] | None:
     """Run SecAgg+ over `instructions` (node id -> instruction).
 
@@ -137,6 +138,7 @@ def secure_round(
         clipping_range=value_range,
         quantization_range=QUANTIZATION_LEVELS,
         modulus_range=MODULUS,
+        timeout=timeout_s,  # per protocol stage: a node lost mid-round cannot hold the others forever
     )
     workflow(grid, legacy)
     if not strategy.results:
