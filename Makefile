@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa,rolora,aslora --seeds 1
+	$(VENV)/bin/aslora compare configs/demo.toml --methods fedavg,ffa,rolora,aslora --seeds 1 --workers 2
 
 # Most of the suite is single-threaded Python (accounting, Flower, PEFT): two workers with one
 # torch thread each use both cores; a file's tests stay together (Flower's fixed ports).

@@ -144,3 +144,21 @@ def test_a_run_refuses_a_config_whose_per_method_tables_are_not_applied() -> Non
     config = parse_config({"per_method": {"ffa": {"optim": {"lr": 1.0}}}})
     with pytest.raises(ConfigError, match="for_method"):
         prepare(config)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"federation": {"rounds": True}}, "federation.rounds"),  # a bool is not an int
+        ({"privacy": {"enabled": "yes"}}, "privacy.enabled"),  # nor a string a bool
+        ({"seed": 1.0}, "seed"),
+        ({"lora": {"target_modules": ["query", 3]}}, "lora.target_modules"),
+        ({"privacy": {"epsilon": float("inf")}}, "privacy.epsilon"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr"),
+        ({"privacy": {"clip": float("nan")}}, "privacy.clip"),
+    ],
+)
+def test_nothing_is_coerced_and_every_number_is_finite(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}"):
+        parse_config(raw)
+    assert parse_config({"optim": {"lr": 1}}).optim.lr == 1.0  # an int where a float goes is exact, so it stays

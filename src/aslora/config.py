@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora", "oracle")
 GLUE_TASKS = ("sst2", "qnli", "qqp", "rte", "mnli")
@@ -35,8 +35,14 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+# Nothing is coerced (no bool for an int, no string for a bool) and every number is finite.
+# TOML's arrays arrive as lists: a tuple setting accepts one, but strictly typed items.
+Strings = Annotated[tuple[Annotated[str, Strict()], ...], Field(strict=False)]
+Integers = Annotated[tuple[Annotated[int, Strict()], ...], Field(strict=False)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -61,15 +67,15 @@ class LoraSettings(_Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: Strings = ("query", "value")
     train_head: bool = Field(True, description="false: the head stays at its seeded initialisation (the authors')")
     head_init: Literal["random", "zero"] = Field(
         "random", description="the classifier's output layer at start: the model's random init, or zeros"
     )
-    client_ranks: tuple[int, ...] = Field(
+    client_ranks: Integers = Field(
         (), description="per-client LoRA ranks (<= r), one per client; only FLoRA's stacking supports them"
     )
-    head_modules: tuple[str, ...] = Field(
+    head_modules: Strings = Field(
         ("classifier",),
         description="modules trained fully and averaged (FedAvg) beside LoRA, e.g. classifier, pooler",
     )
@@ -126,7 +132,7 @@ class FederationConfig(_Section):
         16.0, gt=0, description="SecAgg+ fixed-point range: every value a client sends must lie in [-range, range]"
     )
     round_timeout_s: float = Field(
-        900.0, gt=0, allow_inf_nan=False,
+        900.0, gt=0,
         description="Flower: how long the server waits for a round's replies; a client that has not answered "
         "by then is rejected for the round (and charged: it may have trained)",
     )
@@ -176,7 +182,7 @@ class SelectionConfig(_Section):
     )
     score: Literal["curvature", "first_order", "random", "always_b", "alternate"] = "curvature"
     granularity: Literal["layer", "tied", "group"] = "layer"
-    groups: tuple[str, ...] = Field(
+    groups: Strings = Field(
         ("block",),
         description="for granularity 'group': ['block'], ['module'] or regular expressions over layer names",
     )
