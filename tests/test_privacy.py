@@ -283,3 +283,32 @@ def test_one_expected_batch_size_where_opacus_would_round_it_down(task_and_view,
     assert accountant.history == [(1.1, q, 1)]
     local = LocalSettings(steps=3, lr=0.1, batch_size=b, optimizer="sgd", dp=dp, accountant="rdp", train_head=False)
     assert local.rate(n) == q and local.expected_batch(n) == pytest.approx(b, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epsilon", "nan"], "epsilon must be a finite number above 0"),
+        (["--epsilon", "inf"], "epsilon must be a finite number above 0"),
+        (["--epsilon", "0"], "epsilon must be a finite number above 0"),
+        (["--epsilon", "1e-9"], "out of reach"),
+        (["--sigma", "-1"], "sigma must be a finite number >= 0"),
+        (["--sigma", "nan", "--sample-rate", "0.01", "--steps", "10"], "sigma must be a finite number >= 0"),
+        (["--sigma", "1", "--sample-rate", "2"], "sample rate q = b / n must lie in"),
+        (["--sigma", "1", "--delta", "nan"], "delta must lie strictly between 0 and 1"),
+    ],
+)
+def test_privacy_command_refuses_bad_numbers_in_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["privacy", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_delta_at_or_above_one_over_n_is_refused_before_training(tmp_path: Path) -> None:
+    from aslora.config import ConfigError
+    from aslora.experiment import prepare
+
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"privacy.delta": 0.01, "output_dir": str(tmp_path)}
+    )
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.01 is not below 1/n of the smallest client"):
+        prepare(config)

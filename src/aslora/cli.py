@@ -243,15 +243,18 @@ def privacy(
     """Sigma for a target epsilon, or the epsilon of a given sigma."""
     if (epsilon is None) == (sigma is None):
         _fail(ValueError("give exactly one of --epsilon (to get sigma) or --sigma (to get epsilon)"))
-    if not 0 < sample_rate <= 1 or steps < 1 or not 0 < delta < 1 or accountant not in ("rdp", "prv"):
-        _fail(ValueError("need 0 < --sample-rate <= 1, --steps >= 1, 0 < --delta < 1, --accountant rdp|prv"))
+    if accountant not in ("rdp", "prv"):
+        _fail(ValueError(f"--accountant {accountant!r}: choose rdp or prv"))
     where = f"q={sample_rate}, steps={steps}, delta={delta}, {accountant} accountant"
-    if epsilon is not None:
-        value = calibrate_noise(epsilon, delta, sample_rate, steps, accountant)
-        console.print(f"noise multiplier sigma = {value:.4f} for epsilon = {epsilon} ({where})")
-    else:
-        value = epsilon_for(sigma, delta, sample_rate, steps, accountant)
-        console.print(f"epsilon = {value:.4f} for noise multiplier sigma = {sigma} ({where})")
+    try:
+        if epsilon is not None:
+            value = calibrate_noise(epsilon, delta, sample_rate, steps, accountant)
+            console.print(f"noise multiplier sigma = {value:.4f} for epsilon = {epsilon} ({where})")
+        else:
+            value = epsilon_for(sigma, delta, sample_rate, steps, accountant)
+            console.print(f"epsilon = {value:.4f} for noise multiplier sigma = {sigma} ({where})")
+    except ValueError as exc:  # names the quantity (--epsilon, --sigma, --delta, --sample-rate, --steps)
+        _fail(exc)
 
 
 def _metric(summary: dict[str, Any]) -> str:

@@ -58,9 +58,17 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: Local
     q = max(local.rate(n) for n in client_sizes)
     if not p.enabled:
         return PrivacyPlan(False, 0.0, q, steps, None, p.delta, None)
+    smallest = min(client_sizes)
+    if p.delta >= 1 / smallest:
+        # (epsilon, delta)-DP with delta >= 1/n allows publishing one of n examples outright.
+        raise ConfigError(
+            f"privacy.delta={p.delta:g} is not below 1/n of the smallest client (n = {smallest}, 1/n = "
+            f"{1 / smallest:.3g}): such a delta allows releasing an example in the clear; set delta well "
+            f"below 1/n, e.g. 1e-5"
+        )
     if p.noise_multiplier is not None:
         sigma = p.noise_multiplier
-        planned = math.inf if sigma == 0 else epsilon_for(sigma, p.delta, q, steps, p.accountant)
+        planned = epsilon_for(sigma, p.delta, q, steps, p.accountant)
         if p.epsilon is not None and planned > p.epsilon:
             raise ConfigError(
                 f"privacy.noise_multiplier={sigma} spends epsilon={planned:.3g} over the planned "
@@ -69,7 +77,10 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: Local
             )
     else:
         assert p.epsilon is not None  # guaranteed by the config validator
-        sigma = calibrate_noise(p.epsilon, p.delta, q, steps, p.accountant)
+        try:
+            sigma = calibrate_noise(p.epsilon, p.delta, q, steps, p.accountant)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.epsilon: {exc} (federation.rounds, local_steps, optim.batch_size)") from None
         planned = epsilon_for(sigma, p.delta, q, steps, p.accountant)
     return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon)
 

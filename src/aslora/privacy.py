@@ -90,26 +90,52 @@ def calibrate_noise(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     """The smallest sigma that keeps `steps` Poisson-sampled steps within (epsilon, delta)."""
+    check_accounting(delta, sample_rate, steps)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a finite number above 0 (got {epsilon}); e.g. 3")
     with warnings.catch_warnings():
         # The bisection probes very large sigmas whose optimal RDP order lies past
         # any finite list; their epsilons are far below target, so the bound's
         # looseness there cannot change the answer.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                **_epsilon_options(accountant),
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    **_epsilon_options(accountant),
+                )
             )
-        )
+        except ValueError as exc:  # Opacus: "The privacy budget is too low." past sigma 2,000 or so
+            raise ValueError(
+                f"epsilon {epsilon} is out of reach at sample rate {sample_rate:g} over {steps} steps "
+                f"(delta {delta:g}): no noise multiplier Opacus searches gets there ({exc}). Raise epsilon, "
+                "or take fewer steps or a lower sample rate"
+            ) from None
 
 
 def epsilon_for(sigma: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The epsilon of `steps` DP-SGD steps with noise `sigma` at rate `sample_rate`."""
+    """The epsilon of `steps` DP-SGD steps with noise `sigma` at rate `sample_rate` (inf for sigma 0)."""
+    check_accounting(delta, sample_rate, steps)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"the noise multiplier sigma must be a finite number >= 0 (got {sigma}); e.g. 1.0")
+    if sigma == 0:
+        return math.inf
     return spent_epsilon(restore_accountant(accountant, [(sigma, sample_rate, steps)]), delta)
+
+
+def check_accounting(delta: float, sample_rate: float, steps: int) -> None:
+    """What every accountant query needs: 0 < delta < 1, 0 < q <= 1 and at least one step, all finite
+    (a NaN would make the searches for sigma or epsilon run forever)."""
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"delta must lie strictly between 0 and 1 (got {delta}); e.g. 1e-5")
+    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"the sample rate q = b / n must lie in (0, 1] (got {sample_rate})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1 (got {steps!r})")
 
 
 def sample_rate(batch_size: int, n_examples: int) -> float:
