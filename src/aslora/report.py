@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
 from aslora.diagnostics import calibration_pairs, share_of_a, summarise
@@ -29,12 +30,14 @@ def plot_run(records: Sequence[RoundRecord], path: Path, title: str) -> Path:
             continue
         ax_metric.plot([r.round for r in evaluated], [r.metrics[name] for r in evaluated], marker="o", label=name)
     ax_metric.set(xlabel="round", ylabel="metric", title="global model")
+    ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
     if evaluated:
         ax_metric.legend()
     eps = [(r.round, r.epsilon) for r in records if r.epsilon is not None]
     if eps:
         ax_eps.plot(*zip(*eps, strict=True), marker="o")
     ax_eps.set(xlabel="round", ylabel="epsilon (max over clients)", title="privacy spent")
+    ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -165,6 +168,7 @@ def plot_comparison(curves: dict[str, list[dict[int, dict[str, float]]]], metric
         if len(runs) > 1:
             ax.fill_between(rounds, values.min(0), values.max(0), alpha=0.2, color=colours(i))
     ax.set(xlabel="round", ylabel=metric, title=f"{metric} of the global model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")  # outside: never over a curve
     fig.tight_layout()
     fig.savefig(path, dpi=100)
