@@ -3,6 +3,7 @@ inside / outside the initial A's row space, where it spent its rounds (share on 
 its score ranked the realised decreases, and two NON-PRIVATE references.
 
     python benchmarks/synthetic_recovery.py [--seeds 5] [--target 0.1] [--rows recovery.jsonl]
+                                            [--also 'aslora beta 0.7:selection.beta=0.7' ...]
 
 Runs configs/synthetic.toml (DP-SGD at epsilon 3, 10 non-IID clients, a 512-example probe set on
 the server for the diagnostics) for every method and AS-LoRA ablation on the same seeds, then:
@@ -55,6 +56,21 @@ def run_one(config: ExperimentConfig, label: str, target: float) -> dict:
     }
 
 
+def extra_variant(text: str) -> tuple[str, dict]:
+    """'label:key=value,key=value' -> (label, overrides); values are JSON where they parse."""
+    label, _, pairs = text.partition(":")
+    overrides: dict = {"method": "aslora"}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    if not label.strip() or len(overrides) == 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: write LABEL:KEY=VALUE[,KEY=VALUE...]")
+    return label.strip(), overrides
+
+
 def _part(row: dict, values: str, inside: bool | None) -> float:
     return float(np.mean([v for v, i in zip(row[values], row["inside"], strict=True) if inside is None or i == inside]))
 
@@ -70,13 +86,15 @@ def hindsight(rows: list[dict], seed: int) -> dict:
 
 def table(rows: list[dict], seeds: int, epsilon: float, target: float) -> Table:
     out = Table(title=f"synthetic recovery, epsilon {epsilon}, {seeds} seeds: final relative error (mean ± std)")
-    for column in ("method", "all layers", "inside", "outside", "vs aslora (paired)", "A share in/out",
+    for column in ("method", "all layers", "inside", "outside", "vs aslora (paired)", "vs random (paired)", "A share in/out",
                    "Spearman", f"rounds to {target}", "eps", "s/run"):
         out.add_column(column, justify="left" if column == "method" else "right")
     reference = {r["seed"]: _part(r, "errors", None) for r in rows if r["variant"] == "aslora"}
+    coin = {r["seed"]: _part(r, "errors", None) for r in rows if r["variant"] == "aslora random"}
     for label in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == label]
         diffs = [_part(r, "errors", None) - reference[r["seed"]] for r in runs]
+        against_coin = [_part(r, "errors", None) - coin[r["seed"]] for r in runs]
         reach = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
         rho = [r["spearman"] for r in runs if r["spearman"] is not None]
         out.add_row(
@@ -85,6 +103,7 @@ def table(rows: list[dict], seeds: int, epsilon: float, target: float) -> Table:
             _spread([_part(r, "errors", True) for r in runs]),
             _spread([_part(r, "errors", False) for r in runs]),
             "" if label == "aslora" else _spread(diffs, signed=True),
+            "" if label == "aslora random" else _spread(against_coin, signed=True),
             f"{np.mean([_part(r, 'share_a', True) for r in runs]):.2f} / {np.mean([_part(r, 'share_a', False) for r in runs]):.2f}",
             f"{np.mean(rho):.2f}" if rho else "",
             f"{np.mean(reach):.1f} ({len(reach)}/{len(runs)})" if reach else "never",
@@ -104,6 +123,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.1, help="relative error to reach")
     parser.add_argument("--rows", type=Path, default=None, help="write one JSON line per run here")
+    parser.add_argument(
+        "--also", action="append", default=[], type=extra_variant, metavar="'LABEL:KEY=VALUE,...'",
+        help="one more variant (method aslora unless KEY method says otherwise), e.g. 'aslora beta 0.7:selection.beta=0.7'",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     base = load_config(REPO / "configs" / "synthetic.toml")
@@ -118,7 +141,7 @@ def main() -> None:
     if args.rows:
         args.rows.write_text("")
     with tempfile.TemporaryDirectory() as out:
-        for label, overrides in VARIANTS.items():
+        for label, overrides in (VARIANTS | dict(args.also)).items():
             for seed in range(args.seeds):
                 keep(run_one(base.with_overrides({**overrides, "seed": seed, "output_dir": out}), label, args.target))
         for seed in range(args.seeds):

@@ -79,3 +79,76 @@ def test_checkpoint_round_trip_keeps_tensors_keys_and_types(tmp_path: Path) -> N
     assert loaded.state.memory["ema"] == {"l": {"A": 0.5}} and loaded.state.memory["merges"] == 3
     assert loaded.state.scaling == {"l": 2.0}
     assert load_checkpoint(tmp_path / "missing") is None
+
+
+def _finished_synthetic(tmp_path: Path) -> Path:
+    from aslora.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(repo / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path / "runs"), "federation.rounds": 2, "method": "ffa"}
+    )
+    return run_experiment(config).directory
+
+
+def test_resume_refuses_an_edited_config_naming_the_keys(tmp_path: Path) -> None:
+    """A raised budget in config.json must not go unnoticed: the checkpoint is the record."""
+    import pytest
+
+    from aslora.config import ConfigError
+
+    run = _finished_synthetic(tmp_path)
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["federation"]["rounds"] = 5
+    stored["config"]["privacy"]["epsilon"] = 10.0
+    stored["config"]["method"] = "rolora"
+    (run / "config.json").write_text(json.dumps(stored))
+    from aslora.cli import _resumed_config
+
+    with pytest.raises(ConfigError) as err:
+        run_experiment(_resumed_config(run), resume=run)
+    message = str(err.value)
+    assert "federation.rounds (2 -> 5)" in message and "privacy.epsilon (3.0 -> 10.0)" in message
+    assert "method ('ffa' -> 'rolora')" in message
+
+
+def test_resume_refuses_metrics_without_a_checkpoint_and_keeps_them(tmp_path: Path) -> None:
+    import pytest
+
+    from aslora.cli import _resumed_config
+    from aslora.config import ConfigError
+
+    run = _finished_synthetic(tmp_path)
+    before = (run / "metrics.jsonl").read_text()
+    (run / "checkpoint.json").unlink()
+    with pytest.raises(ConfigError, match="2 rounds in metrics.jsonl but no checkpoint.json"):
+        run_experiment(_resumed_config(run), resume=run)
+    assert (run / "metrics.jsonl").read_text() == before  # nothing cut back
+
+
+def test_an_unreadable_checkpoint_is_named_with_how_to_go_on(tmp_path: Path) -> None:
+    import pytest
+
+    from aslora.checkpoint import CheckpointError
+
+    run = _finished_synthetic(tmp_path)
+    for broken in ("{}", "{not json"):
+        (run / "checkpoint.json").write_text(broken)
+        with pytest.raises(CheckpointError, match=r"checkpoint.json .* cannot be read.*start it again"):
+            load_checkpoint(run)
+    (run / "checkpoint.json").write_text(json.dumps({"tensor_file": "checkpoint-00002.safetensors"}))
+    tensors = run / "checkpoint-00002.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(run)
+
+
+def test_resume_with_other_flags_is_an_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from aslora.cli import app
+
+    run = _finished_synthetic(tmp_path)
+    for extra in (["--rounds", "80", "--epsilon", "10"], ["configs/demo.toml"]):
+        result = CliRunner().invoke(app, ["run", *extra, "--resume", str(run)])
+        assert result.exit_code == 2 and "--resume continues a run with the settings it started with" in result.output

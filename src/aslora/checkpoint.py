@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aslora.methods.base import GlobalState
@@ -30,6 +31,11 @@ class Checkpoint:
     state: GlobalState
     server: dict[str, Any]  # the federation's bookkeeping (privacy histories, versions)
     initial_metrics: dict[str, float]
+    config: dict[str, Any] | None = None  # the resolved config it ran with (None: an older checkpoint)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and how to go on."""
 
 
 def _split(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -65,6 +71,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         ),
         "server": checkpoint.server,
         "initial_metrics": checkpoint.initial_metrics,
+        "config": checkpoint.config,
     }
     tensor_file = f"checkpoint-{checkpoint.rounds_done:05d}.safetensors"
     save_file(tensors, str(directory / tensor_file))
@@ -82,9 +89,17 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return None
-    body = json.loads(manifest.read_text())
-    tensors = load_file(str(directory / body["tensor_file"]))
-    saved = _join(body["state"], tensors)
-    flat = GlobalState.from_tensors(saved["tensors"])
-    state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
-    return Checkpoint(body["rounds_done"], state, body["server"], body["initial_metrics"])
+    try:
+        body = json.loads(manifest.read_text())
+        tensors = load_file(str(directory / body["tensor_file"]))
+        saved = _join(body["state"], tensors)
+        flat = GlobalState.from_tensors(saved["tensors"])
+        state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
+        return Checkpoint(
+            body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config")
+        )
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"{manifest} (or the tensor file it names) cannot be read: {type(exc).__name__}: {exc}. The run "
+            f"cannot continue from it; start it again in a new directory (metrics.jsonl keeps the rounds done)"
+        ) from None

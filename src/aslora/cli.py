@@ -94,6 +94,14 @@ def run(
 
     try:
         if resume is not None:
+            given = {"CONFIG": config, "--method": method, "--epsilon": epsilon, "--rounds": rounds, "--seed": seed,
+                     "--data-dir": data_dir, "--output-dir": output_dir}
+            ignored = [name for name, value in given.items() if value is not None]
+            if ignored:
+                raise ValueError(
+                    f"--resume continues a run with the settings it started with; drop {', '.join(ignored)} "
+                    "(extending or changing a run is not offered: start a new run instead)"
+                )
             cfg = _resumed_config(resume)
         elif config is None:
             raise ValueError("give a CONFIG file, or --resume runs/<id> to continue a run")

@@ -191,6 +191,34 @@ def prepare(config: ExperimentConfig) -> Setup:
     return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local, probe)
 
 
+def check_resumable(run_dir: RunDirectory, checkpoint: Checkpoint | None, config: ExperimentConfig) -> None:
+    """Refuse a resume that would lose rounds or mix settings: the checkpoint is the record."""
+    metrics = run_dir.path / "metrics.jsonl"
+    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    if checkpoint is None and done:
+        raise ConfigError(
+            f"{run_dir.path} has {done} rounds in metrics.jsonl but no checkpoint.json: resuming would start "
+            "again at round 0 and overwrite them. Move the directory away to start afresh"
+        )
+    if checkpoint is None or checkpoint.config is None:
+        return  # nothing done yet, or a checkpoint older than this record: nothing to check against
+    changed = _differences(checkpoint.config, config.model_dump(mode="json"))
+    if changed:
+        raise ConfigError(
+            f"{run_dir.path / 'config.json'} no longer matches the settings the run's checkpoint was made with: "
+            f"{', '.join(changed)}. A run continues with the settings it started with: restore config.json, "
+            "or start a new run"
+        )
+
+
+def _differences(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """'key (old -> new)' for every dotted key whose value differs."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(set(before) | set(after))
+        return [d for k in keys for d in _differences(before.get(k), after.get(k), f"{prefix}{k}.")]
+    return [] if before == after else [f"{prefix.rstrip('.')} ({before!r} -> {after!r})"]
+
+
 def run_experiment(
     config: ExperimentConfig,
     progress: Progress | None = None,
@@ -281,6 +309,7 @@ def run_experiment(
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if resume is not None:
         run_dir = RunDirectory(resume)
+        check_resumable(run_dir, checkpoint, config)
     else:
         run_dir = RunDirectory.create(config)
         run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
@@ -316,7 +345,9 @@ def run_experiment(
             break
         records.append(record)
         run_dir.append_record(record)
-        save_checkpoint(run_dir.path, Checkpoint(r + 1, federation.state, federation.snapshot(), initial))
+        save_checkpoint(
+            run_dir.path, Checkpoint(r + 1, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"))
+        )
         if progress is not None:
             progress.advance(rounds_task)
     if progress is not None:
