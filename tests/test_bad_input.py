@@ -83,6 +83,15 @@ def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_rank_above_the_model_width_is_refused_before_training(tmp_path: Path, data_dir: Path) -> None:
+    config = tmp_path / "wide.toml"
+    config.write_text((REPO / "tests" / "base.toml").read_text().replace("[lora]\nr = 8\n", "[lora]\nr = 1000\n"))
+    result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "lora.r=1000 exceeds the smaller dimension" in output and "(384)" in output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "not a run directory" in " ".join(result.output.split())

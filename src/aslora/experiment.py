@@ -188,7 +188,20 @@ def prepare(config: ExperimentConfig) -> Setup:
     local = local_settings(config, sizes, DPSettings(False, 0.0, config.privacy.clip))
     privacy = plan_privacy(config, sizes, local)
     local = replace(local, dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip))
-    return Setup(config, task, shards, held_out, privacy, LoraView(task.build_model(config)), local, probe)
+    view = LoraView(task.build_model(config))
+    check_rank(view, config.lora.r)
+    return Setup(config, task, shards, held_out, privacy, view, local, probe)
+
+
+def check_rank(view: LoraView, rank: int) -> None:
+    """A rank above an adapted layer's smaller dimension adds only redundant directions."""
+    widths = {layer: min(view.base_weight(layer).shape) for layer in view.layers}
+    layer, narrowest = min(widths.items(), key=lambda item: item[1])
+    if rank > narrowest:
+        raise ConfigError(
+            f"lora.r={rank} exceeds the smaller dimension of adapted layer {layer} ({narrowest}): BA cannot "
+            f"have rank above {narrowest}; set lora.r <= {narrowest}"
+        )
 
 
 def check_resumable(run_dir: RunDirectory, checkpoint: Checkpoint | None, config: ExperimentConfig) -> None:
