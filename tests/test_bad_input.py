@@ -92,6 +92,27 @@ def test_a_rank_above_the_model_width_is_refused_before_training(tmp_path: Path,
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_tsv_line_with_an_extra_field_is_named_by_file_and_line(tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    lines = (data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[:40]
+    lines[5] += "\tstray"
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "dev.tsv").write_text((data_dir / "glue" / "SST-2" / "dev.tsv").read_text())
+    result = CliRunner().invoke(app, ["run", str(REPO / "tests" / "base.toml"), "--data-dir", str(tmp_path),
+                                      "--output-dir", str(tmp_path / "runs")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "train.tsv is not a GLUE TSV file" in output and "line 6" in output
+    assert "Traceback" not in output
+
+
+def test_compare_refuses_no_seeds_and_no_methods() -> None:
+    for args in (["--seeds", "0"], ["--methods", ","]):
+        result = CliRunner().invoke(app, ["compare", str(REPO / "tests" / "base.toml"), *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert ("--seeds 0" in result.output) or ("names no method" in result.output)
+
+
 def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "not a run directory" in " ".join(result.output.split())

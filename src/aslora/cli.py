@@ -187,8 +187,10 @@ def compare(
         configs = [
             base.for_method(name, {**flags, "seed": base.seed + s}) for name in names for s in range(seeds)
         ]
-        if workers < 1:
-            raise ValueError(f"--workers {workers}: run at least 1 at a time")
+        if not names:
+            raise ValueError(f"--methods {methods!r} names no method; e.g. --methods fedavg,ffa,aslora")
+        if seeds < 1 or workers < 1:
+            raise ValueError(f"--seeds {seeds} --workers {workers}: both must be at least 1")
         summaries = _run_all(configs, workers, verbose)
         curves: dict[str, list] = {}
         for cfg, summary in zip(configs, summaries, strict=True):

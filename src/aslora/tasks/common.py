@@ -47,6 +47,10 @@ class DataNotFoundError(FileNotFoundError):
     """The data set is neither in the local data folder nor reachable on the hub."""
 
 
+class DataFormatError(ValueError):
+    """A data file that cannot be parsed; the message names the file, the line where known, and the fix."""
+
+
 def data_root(config: ExperimentConfig) -> Path | None:
     """The local data folder: data.dir, else $ASLORA_DATA_DIR, else none (use the hub)."""
     root = config.data.dir or os.environ.get("ASLORA_DATA_DIR") or None

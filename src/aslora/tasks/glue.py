@@ -30,7 +30,7 @@ from transformers import (
 from aslora.config import ExperimentConfig
 from aslora.memory import check_micro_batch
 from aslora.pretrained import load_pretrained, native_bfloat16, resolve_dtype, resolve_model
-from aslora.tasks.common import DataNotFoundError, data_root, with_lora
+from aslora.tasks.common import DataFormatError, DataNotFoundError, data_root, with_lora
 from aslora.tasks.pooling import pooled_classifier, resolve_pooling
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,13 @@ GLUE = {
 
 def _read_tsv(path: Path) -> datasets.Dataset:
     # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text.
-    return datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+    try:
+        return datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+    except datasets.exceptions.DatasetGenerationError as exc:  # pandas' parser error is its cause
+        cause = exc.__cause__ or exc
+        raise DataFormatError(
+            f"{path} is not a GLUE TSV file: {str(cause).strip()}; every line needs the header's tab-separated fields"
+        ) from None
 
 
 def _read_subset(path: Path, spec: GlueSpec) -> datasets.Dataset:
