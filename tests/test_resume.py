@@ -46,8 +46,11 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_config: E
     assert run is not None and victim.poll() is None, "the run ended before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    killed_at = load_checkpoint(run).rounds_done
-    assert 1 <= killed_at < 4 and not (run / "summary.json").exists()
+    killed = load_checkpoint(run)
+    assert 1 <= killed.rounds_done < 4 and not (run / "summary.json").exists() and killed.wall_s > 0
+    # what a kill during a save would leave: a manifest never committed, tensors never named
+    (run / "checkpoint.json.partial").write_text("{")
+    (run / "checkpoint-00099.safetensors").write_bytes(b"half")
 
     resumed = subprocess.run([*command, "--resume", str(run)], capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -56,7 +59,10 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_config: E
     assert all(torch.equal(final[k], expected[k]) for k in final)
     assert [r["round"] for r in metric_rows(run)] == [0, 1, 2, 3]
     assert [r["epsilon"] for r in metric_rows(run)] == [r["epsilon"] for r in metric_rows(reference.directory)]
-    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4
+    assert summary["wall_time_s"] > killed.wall_s  # both segments, not the last one alone
+    assert sorted(p.name for p in run.glob("checkpoint*")) == ["checkpoint-00004.safetensors", "checkpoint.json"]
 
 
 def test_checkpoint_round_trip_keeps_tensors_keys_and_types(tmp_path: Path) -> None:

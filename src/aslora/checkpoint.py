@@ -32,6 +32,7 @@ class Checkpoint:
     server: dict[str, Any]  # the federation's bookkeeping (privacy histories, versions)
     initial_metrics: dict[str, float]
     config: dict[str, Any] | None = None  # the resolved config it ran with (None: an older checkpoint)
+    wall_s: float = 0.0  # wall time of every segment of the run so far (resumes add up)
 
 
 class CheckpointError(ValueError):
@@ -72,6 +73,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         "server": checkpoint.server,
         "initial_metrics": checkpoint.initial_metrics,
         "config": checkpoint.config,
+        "wall_s": checkpoint.wall_s,
     }
     tensor_file = f"checkpoint-{checkpoint.rounds_done:05d}.safetensors"
     save_file(tensors, str(directory / tensor_file))
@@ -82,6 +84,16 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     for old in directory.glob("checkpoint-*.safetensors"):
         if old.name != tensor_file:
             old.unlink()
+
+
+def remove_debris(directory: Path) -> None:
+    """What a save killed midway leaves: a manifest never committed, tensors it never named."""
+    manifest = directory / MANIFEST
+    named = json.loads(manifest.read_text()).get("tensor_file") if manifest.is_file() else None
+    (directory / (MANIFEST + ".partial")).unlink(missing_ok=True)
+    for tensors in directory.glob("checkpoint-*.safetensors"):
+        if tensors.name != named:
+            tensors.unlink()
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
@@ -96,7 +108,8 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         flat = GlobalState.from_tensors(saved["tensors"])
         state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
         return Checkpoint(
-            body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config")
+            body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config"),
+            body.get("wall_s", 0.0),
         )
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         raise CheckpointError(

@@ -17,7 +17,7 @@ from rich.progress import Progress
 from torch.utils.data import TensorDataset
 
 from aslora.adapters import LoraView
-from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from aslora.checkpoint import Checkpoint, load_checkpoint, remove_debris, save_checkpoint
 from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.diagnostics import mean_loss
@@ -323,6 +323,7 @@ def run_experiment(
     if resume is not None:
         run_dir = RunDirectory(resume)
         check_resumable(run_dir, checkpoint, config)
+        remove_debris(run_dir.path)
     else:
         run_dir = RunDirectory.create(config)
         run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
@@ -334,6 +335,7 @@ def run_experiment(
     else:
         initial = evaluate(state)
     first_round = checkpoint.rounds_done if checkpoint is not None else 0
+    earlier_s = checkpoint.wall_s if checkpoint is not None else 0.0  # the segments before a resume
     records: list[RoundRecord] = run_dir.records(first_round)
     label = f"{config.method} seed {config.seed}"
     rounds_task = progress.add_task(f"{label}: rounds", total=fed.rounds) if progress else None
@@ -359,7 +361,9 @@ def run_experiment(
         records.append(record)
         run_dir.append_record(record)
         save_checkpoint(
-            run_dir.path, Checkpoint(r + 1, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"))
+            run_dir.path,
+            Checkpoint(r + 1, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"),
+                       earlier_s + time.perf_counter() - started),
         )
         if progress is not None:
             progress.advance(rounds_task)
@@ -370,6 +374,7 @@ def run_experiment(
     view.set_factors(federation.state.factors)
     view.set_head(federation.state.head)
     run_dir.export_adapter(view, federation.state.residual)
-    summary = run_dir.summarise(config, records, initial, privacy.noise_multiplier, time.perf_counter() - started, stopped)
+    wall_s = earlier_s + time.perf_counter() - started
+    summary = run_dir.summarise(config, records, initial, privacy.noise_multiplier, wall_s, stopped)
     run_dir.plot(records, config)
     return RunResult(run_dir.path, summary, records)
