@@ -312,3 +312,42 @@ def test_a_delta_at_or_above_one_over_n_is_refused_before_training(tmp_path: Pat
     )
     with pytest.raises(ConfigError, match=r"privacy.delta=0.01 is not below 1/n of the smallest client"):
         prepare(config)
+
+
+def test_a_given_sigma_above_the_budget_is_refused_before_training(tmp_path: Path) -> None:
+    from aslora.config import ConfigError
+    from aslora.experiment import prepare
+
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"privacy.noise_multiplier": 0.3, "output_dir": str(tmp_path)}
+    )
+    with pytest.raises(ConfigError, match=r"privacy.noise_multiplier=0.3 spends epsilon=.* above the budget privacy.epsilon=3"):
+        prepare(config)
+
+
+def test_the_run_stops_when_every_client_has_spent_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a budget that buys only part of the rounds, the server samples no client past it."""
+    from dataclasses import replace
+
+    from aslora import experiment
+
+    planned = experiment.plan_privacy
+
+    def smaller_budget(*args, **kwargs):  # type: ignore[no-untyped-def]
+        plan = planned(*args, **kwargs)
+        return replace(plan, budget=plan.planned_epsilon * 0.9)  # about 3 of the 6 rounds
+
+    monkeypatch.setattr(experiment, "plan_privacy", smaller_budget)
+    config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
+        {"output_dir": str(tmp_path), "federation.rounds": 6, "federation.clients_per_round": 10,
+         "optim.batch_scaling": "by_size"},  # one sampling rate: every client reaches the budget together
+    )
+    with caplog.at_level("WARNING", logger="aslora.server"):
+        result = experiment.run_experiment(config)
+    summary = result.summary
+    assert 0 < summary["rounds_completed"] < 6
+    assert summary["stopped_early"] == "every client has spent its privacy budget"
+    assert "every client has spent its privacy budget; stopping" in caplog.text
+    assert summary["epsilon"] <= 0.9 * 3.0 + 1e-9
