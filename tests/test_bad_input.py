@@ -222,3 +222,22 @@ def test_a_client_that_under_reports_its_privacy_cost_is_rejected_and_charged_th
     for client in record.clients:  # the honest client and the liar alike: sigma, b / n, local steps
         rate = config.optim.batch_size / plan["client_sizes"][client]
         assert histories[client] == [[plan["noise_multiplier"], pytest.approx(rate, rel=1e-12), config.federation.local_steps]]
+
+
+def test_a_binary_config_a_negative_seed_and_a_header_only_tsv_get_one_clear_line(tmp_path: Path, data_dir: Path) -> None:
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(128, 256)))
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text((data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[0] + "\n")
+    (folder / "dev.tsv").write_text((data_dir / "glue" / "SST-2" / "dev.tsv").read_text())
+    base = str(REPO / "tests" / "base.toml")
+    cases = [
+        (["run", str(binary)], "binary.toml is not a text file"),
+        (["run", base, "--seed", "-1"], "'seed': Input should be greater than or equal to 0"),
+        (["run", base, "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs")], "train.tsv holds no examples"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, args)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in output and "Traceback" not in output, (args, output)

@@ -209,7 +209,7 @@ class PrivacyConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     method: Literal[METHODS] = "fedavg"  # type: ignore[valid-type]
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
@@ -387,4 +387,8 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a text file (byte {exc.start} is not UTF-8); pass a TOML file such as configs/demo.toml"
+        ) from None
     return parse_config(raw)

@@ -69,12 +69,15 @@ GLUE = {
 def _read_tsv(path: Path) -> datasets.Dataset:
     # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text.
     try:
-        return datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+        table = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
     except datasets.exceptions.DatasetGenerationError as exc:  # pandas' parser error is its cause
         cause = exc.__cause__ or exc
         raise DataFormatError(
             f"{path} is not a GLUE TSV file: {str(cause).strip()}; every line needs the header's tab-separated fields"
         ) from None
+    except ValueError as exc:  # datasets: 'Instruction "train" corresponds to no data!'
+        raise DataFormatError(f"{path} holds no examples ({exc}); put the GLUE rows under its header line") from None
+    return table
 
 
 def _read_subset(path: Path, spec: GlueSpec) -> datasets.Dataset:
