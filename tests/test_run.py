@@ -13,9 +13,11 @@ import torch
 from conftest import as_toml, metric_rows
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from aslora.adapters import LoraView
+from aslora.checkpoint import load_checkpoint
 from aslora.cli import app
 from aslora.client import ClientJob, LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
@@ -116,6 +118,38 @@ def test_cli_compare_runs_side_by_side_each_method_with_its_own_settings(
         assert config["per_method"] == {}  # what the run used, tables applied
     assert used == {"fedavg": tiny_config.optim.lr, "ffa": 0.25}
     assert "fedavg" in result.output and "ffa" in result.output
+
+
+@pytest.mark.parametrize("method", ["aslora", "fedex", "flora"])
+def test_every_export_reloads_by_peft_to_the_final_models_logits(
+    tiny_config: ExperimentConfig, method: str
+) -> None:
+    """FedEx-LoRA and FLoRA fold updates into W0: their export is W0 + residual.safetensors + adapter
+    (README, "What a run writes"). Each reload must give the logits of the final global model."""
+    config = tiny_config.with_overrides({"method": method, "federation.rounds": 1})
+    run = run_experiment(config).directory
+    task = load_task(config)
+    batch = task.encode(task.eval)[:32]
+    final = load_checkpoint(run).state
+    view = LoraView(task.build_model(config))
+    view.set_factors(final.factors)
+    view.set_head(final.head)
+    view.set_residual(final.residual)
+    view.model.eval()
+    base = pooled_classifier(resolve_model("minilm"), "mean", 2)
+    residual = run / "residual.safetensors"
+    assert residual.is_file() == (method in ("fedex", "flora"))
+    if residual.is_file():
+        with torch.no_grad():
+            deltas = load_file(str(residual))
+            assert max(float(d.abs().max()) for d in deltas.values()) > 0  # something was folded in
+            for layer, delta in deltas.items():
+                base.get_submodule(layer).weight += delta
+    reloaded = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    with torch.no_grad():
+        expected = view.model(**task._inputs(batch)).logits
+        got = reloaded(**task._inputs(batch)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _assert_adapter_reloads(run: Path, config: ExperimentConfig, summary: dict) -> None:
