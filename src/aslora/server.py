@@ -135,14 +135,17 @@ def misreported_cost(reported: Sequence[tuple[float, float, int]], planned: Sequ
 
     A client that reports less than it was asked to spend ran another job than the one the
     server accounts for: its update is not the one the privacy plan covers."""
-    same = len(reported) == len(planned) and all(
-        len(r) == 3 and math.isclose(r[0], p[0], rel_tol=1e-9) and math.isclose(r[1], p[1], rel_tol=1e-9)
-        and int(r[2]) == p[2]
-        for r, p in zip(reported, planned, strict=False)
-    )
+    try:
+        same = len(reported) == len(planned) and all(
+            len(r) == 3 and math.isclose(r[0], p[0], rel_tol=1e-9) and math.isclose(r[1], p[1], rel_tol=1e-9)
+            and r[2] == p[2]
+            for r, p in zip(reported, planned, strict=False)
+        )
+    except TypeError:  # not numbers at all: as wrong as a wrong number
+        same = False
     if same:
         return None
-    return (f"its reported privacy history {[tuple(r) for r in reported]} differs from the job's "
+    return (f"its reported privacy history {reported!r:.200} differs from the job's "
             f"(sigma, sample rate, steps) {list(planned)}; the planned cost is charged")
 
 
