@@ -28,7 +28,6 @@ SECURE_METHODS = ("fedavg", "ffa", "rolora", "aslora")
 
 
 INVALID = "invalid configuration:\n  "
-SECTIONS = ("model", "lora", "data", "federation", "optim", "privacy", "selection", "synthetic")
 
 
 class ConfigError(ValueError):
@@ -226,14 +225,16 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _per_method(self) -> ExperimentConfig:
+        sections = [name for name, f in type(self).model_fields.items() if isinstance(f.annotation, type)
+                    and issubclass(f.annotation, _Section)]
         for method, table in self.per_method.items():
             if method not in METHODS:
                 raise ValueError(f"per_method.{method}: no such method; choose among {', '.join(METHODS)}")
-            misplaced = sorted(set(table) - set(SECTIONS))
+            misplaced = sorted(set(table) - set(sections))
             if misplaced:
                 raise ValueError(
                     f"per_method.{method}: {', '.join(misplaced)} cannot differ by method; a per_method "
-                    f"table holds only the sections {', '.join(SECTIONS)}"
+                    f"table holds only the sections {', '.join(sections)}"
                 )
             try:
                 self.for_method(method)
