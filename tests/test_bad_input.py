@@ -241,3 +241,26 @@ def test_a_binary_config_a_negative_seed_and_a_header_only_tsv_get_one_clear_lin
         result = CliRunner().invoke(app, args)
         output = " ".join(result.output.split())
         assert result.exit_code == 2 and message in output and "Traceback" not in output, (args, output)
+
+
+def test_a_client_that_failed_is_not_marked_synchronised(tmp_path: Path) -> None:
+    """RoLoRA changes B in round 0 and A in round 1: in round 2 a synchronised client needs A alone,
+    but one that dropped out of round 1 never received B's change, so it gets both."""
+    from aslora.experiment import run_experiment
+
+    def rows(dropout: float) -> list[dict]:
+        config = load_config(REPO / "configs" / "synthetic.toml").with_overrides({
+            "output_dir": str(tmp_path / str(dropout)), "method": "rolora", "federation.rounds": 3,
+            "federation.clients_per_round": 10, "federation.dropout": dropout,
+        })
+        run = run_experiment(config).directory
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    healthy, faulty = rows(0.0), rows(0.3)
+    b_bytes, a_bytes = healthy[1]["bytes_down_per_client"], healthy[2]["bytes_down_per_client"]
+    assert b_bytes > 0 and a_bytes > 0
+    missed = set(faulty[1]["rejected"])  # dropped out of round 1; all 10 are sampled in round 2
+    assert missed and faulty[1]["bytes_down_per_client"] == b_bytes
+    # (one safetensors header for A and B together instead of two: a few bytes less than the sum)
+    assert faulty[2]["bytes_down_per_client"] == pytest.approx(a_bytes + len(missed) * b_bytes / 10, rel=0.01)
+    assert faulty[2]["bytes_down_per_client"] > a_bytes + 0.9 * len(missed) * b_bytes / 10

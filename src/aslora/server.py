@@ -222,6 +222,7 @@ class Trial:
     state: GlobalState | None = None  # None: too few sound updates to aggregate
     aggregation_s: float = 0.0
     server_s: float = 0.0  # the server's checks and aggregation of this trial
+    answered: set[int] = field(default_factory=set)  # clients known to hold this round's download
 
 
 class Federation:
@@ -315,10 +316,13 @@ class Federation:
         if len(masks) > 1 and self.probe is None:
             raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
         downloads = [self._download(c) for c in clients]
-        for c in clients:
-            self._seen[c] = dict(self._version)
+        sent_version = dict(self._version)
         planning_s = time.perf_counter() - started
         trials = [self._trial(round_index, clients, mask, faults, done) for mask in masks]
+        # Synchronised are only the clients that answered: one that failed or was lost may never
+        # have received the download, so the next one carries everything it lacks.
+        for c in set.intersection(*(t.answered for t in trials)):
+            self._seen[c] = dict(sent_version)
         received = time.perf_counter()
         first = trials[0]
         clients_s = sum(t.clients_s for t in trials)
@@ -374,8 +378,12 @@ class Federation:
         received = time.perf_counter()
         accepted, rejected = self._accept(round_index, jobs, starts, results, mask, late)
         clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
+        answered = {
+            job.client_id for job, r in zip(jobs, results, strict=True)
+            if isinstance(r, ClientUpdate) or (isinstance(r, RejectedAfterTraining) and not isinstance(r, NoAnswer))
+        }
         if len(accepted) < self.settings.min_clients:
-            return Trial(mask, accepted, rejected, clients_s, server_s=time.perf_counter() - received)
+            return Trial(mask, accepted, rejected, clients_s, server_s=time.perf_counter() - received, answered=answered)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         state = self.method.aggregate(self.state, accepted, weights)
@@ -383,7 +391,7 @@ class Federation:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             state = state.evolve(head=head)
         done_at = time.perf_counter()
-        return Trial(mask, accepted, rejected, clients_s, weights, state, done_at - start, done_at - received)
+        return Trial(mask, accepted, rejected, clients_s, weights, state, done_at - start, done_at - received, answered)
 
     def _accept(
         self, round_index: int, jobs: list[ClientJob], starts: list[GlobalState],
