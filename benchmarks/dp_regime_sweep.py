@@ -27,18 +27,8 @@ from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
 
-from aslora.config import load_config
+from aslora.config import dotted, load_config
 from aslora.experiment import run_experiment
-
-
-def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_grid(path: Path) -> dict[str, dict[str, object]]:
@@ -46,7 +36,7 @@ def load_grid(path: Path) -> dict[str, dict[str, object]]:
     points = tomllib.loads(path.read_text()).get("points", {})
     if not points:
         raise SystemExit(f"{path}: no [points.NAME] tables; each names one point of the sweep")
-    return {name: _flatten(body) for name, body in points.items()}
+    return {name: dotted(body) for name, body in points.items()}
 
 
 def done(results: Path) -> set[tuple[str, str]]:

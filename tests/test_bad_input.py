@@ -73,23 +73,24 @@ def test_wrong_model_name(tmp_path: Path, data_dir: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "runs").exists()
 
 
-def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None:
-    config = tmp_path / "tiny.toml"
-    text = (REPO / "tests" / "base.toml").read_text().replace("[data]\n", "[data]\ntrain_subset = 100\n")
-    config.write_text(text)
+def _run_edited_base(tmp_path: Path, data_dir: Path, old: str, new: str) -> str:
+    """`aslora run` on tests/base.toml with `old` replaced by `new`: it must fail with exit code 2
+    before writing anything; returns its output on one line."""
+    config = tmp_path / "edited.toml"
+    config.write_text((REPO / "tests" / "base.toml").read_text().replace(old, new))
     result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 2 and "data.num_clients" in output and "data.train_subset" in output
-    assert not (tmp_path / "runs").exists()
+    assert result.exit_code == 2 and not (tmp_path / "runs").exists()
+    return " ".join(result.output.split())
+
+
+def test_too_little_data_for_the_clients(tmp_path: Path, data_dir: Path) -> None:
+    output = _run_edited_base(tmp_path, data_dir, "[data]\n", "[data]\ntrain_subset = 100\n")
+    assert "data.num_clients" in output and "data.train_subset" in output
 
 
 def test_a_rank_above_the_model_width_is_refused_before_training(tmp_path: Path, data_dir: Path) -> None:
-    config = tmp_path / "wide.toml"
-    config.write_text((REPO / "tests" / "base.toml").read_text().replace("[lora]\nr = 8\n", "[lora]\nr = 1000\n"))
-    result = CliRunner().invoke(app, ["run", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "runs")])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 2 and "lora.r=1000 exceeds the smaller dimension" in output and "(384)" in output
-    assert not (tmp_path / "runs").exists()
+    output = _run_edited_base(tmp_path, data_dir, "[lora]\nr = 8\n", "[lora]\nr = 1000\n")
+    assert "lora.r=1000 exceeds the smaller dimension" in output and "(384)" in output
 
 
 def test_a_tsv_line_with_an_extra_field_is_named_by_file_and_line(tmp_path: Path, data_dir: Path) -> None:

@@ -323,16 +323,16 @@ class ExperimentConfig(_Section):
         resolved once: switching method again starts from the file's config."""
         if method not in METHODS:
             raise ConfigError(f"method '{method}' is unknown; choose among {', '.join(METHODS)}")
-        table = _dotted(self.per_method.get(method, {}))
+        table = dotted(self.per_method.get(method, {}))
         return self.with_overrides({**table, "method": method, "per_method": {}, **(overrides or {})})
 
 
-def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 4.0}} -> {'optim.lr': 4.0}: TOML's nested tables as override keys."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict):
-            flat |= _dotted(value, f"{prefix}{key}.")
+            flat |= dotted(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
