@@ -79,6 +79,24 @@ def test_zero_head_starts_at_zero_logits(data_dir: Path) -> None:
     assert torch.count_nonzero(logits) == 0
 
 
+@pytest.mark.parametrize("dropout", [None, 0.0])
+def test_model_dropout_replaces_the_pretrained_rates_only(data_dir: Path, dropout: float | None) -> None:
+    """model.dropout = 0 makes a training-mode forward pass deterministic; lora.dropout stays its own."""
+    config = _config(data_dir, **{"model.dropout": dropout, "lora.dropout": 0.05})
+    task = load_task(config)
+    model = task.build_model(config).train()
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert {p for name, p in rates.items() if "lora_dropout" in name} == {0.05}
+    assert {p for name, p in rates.items() if "lora_dropout" not in name} == {0.1 if dropout is None else 0.0}
+    for name, m in model.named_modules():
+        if "lora_dropout" in name and isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # isolate the model's own dropout
+    batch = task._inputs(task.encode(task.eval)[:4])
+    with torch.no_grad():
+        first, second = model(**batch).logits, model(**batch).logits
+    assert torch.equal(first, second) == (dropout == 0.0)
+
+
 def test_bad_pooling_and_head_fail_before_training(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match="head_init='zero' with train_head=false"):
         _config(data_dir, **{"lora.head_init": "zero", "lora.train_head": False})

@@ -60,6 +60,12 @@ class ModelConfig(_Section):
         description="the embedding a classifier reads: 'auto' = the model's declared sentence-transformers "
         "pooling, else the architecture's own head (GLUE tasks only)",
     )
+    dropout: float | None = Field(
+        None, ge=0, lt=1,
+        description="every dropout rate inside the pretrained model and its head (lora.dropout aside); "
+        "null = the model's own (MiniLM: 0.1). DP fine-tuning usually trains with 0: under DP-SGD "
+        "dropout's noise only adds to the privacy noise",
+    )
 
 
 class LoraSettings(_Section):

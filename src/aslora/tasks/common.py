@@ -57,8 +57,18 @@ def data_root(config: ExperimentConfig) -> Path | None:
     return Path(root) if root else None
 
 
-def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | None, head_hint: str, target_hint: str = "") -> PeftModel:
+def with_lora(
+    base: torch.nn.Module,
+    lora: LoraSettings,
+    dropout: float | None,
+    task_type: TaskType | None,
+    head_hint: str,
+    target_hint: str = "",
+) -> PeftModel:
     """`base` with LoRA adapters on lora.target_modules and lora.head_modules trained fully.
+
+    `dropout` (model.dropout), where given, replaces every dropout rate of
+    `base` before PEFT adds its own (lora.dropout).
 
     A name the model does not have fails before training, with `head_hint` or
     the model's own linear layers (and `target_hint`) saying what to write.
@@ -69,6 +79,8 @@ def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | N
         raise ValueError(f"lora.head_modules names {missing}, which {type(base).__name__} does not have; {head_hint}")
     if lora.head_init == "zero":
         _zero_output_layer(base, lora.head_modules)
+    if dropout is not None:
+        _set_dropout(base, dropout)
     config = LoraConfig(
         task_type=task_type,
         r=lora.r,
@@ -85,6 +97,16 @@ def with_lora(base: torch.nn.Module, lora: LoraSettings, task_type: TaskType | N
             f"lora.target_modules={list(lora.target_modules)}: {exc} The linear layers of "
             f"{type(base).__name__} here are named {linear}{'; ' + target_hint if target_hint else ''}"
         ) from None
+
+
+def _set_dropout(base: torch.nn.Module, rate: float) -> None:
+    """Every dropout of the model at `rate`: its nn.Dropout modules (BERT, ViT and GPT-2 read their
+    attention dropout from these too) and the float `attention_dropout` of Llama-style attention."""
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = rate
 
 
 @torch.no_grad()

@@ -224,7 +224,7 @@ class GenerationTask:
         else:
             base = load_pretrained(AutoModelForCausalLM.from_pretrained, self.model_name, dtype=torch.float32)
         head = "sst2_generation trains no head: set lora.head_modules = [] and lora.train_head = false"
-        return with_lora(base, config.lora, TaskType.CAUSAL_LM, head, "Llama's attention projections are q_proj, k_proj, v_proj, o_proj")
+        return with_lora(base, config.lora, config.model.dropout, TaskType.CAUSAL_LM, head, "Llama's attention projections are q_proj, k_proj, v_proj, o_proj")
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean over examples of each one's mean answer-token cross-entropy.

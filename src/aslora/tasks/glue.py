@@ -293,10 +293,10 @@ class GlueTask:
                 AutoModelForSequenceClassification.from_pretrained, self.model_path, num_labels=self.num_labels
             )
             hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
-            return with_lora(base, config.lora, TaskType.SEQ_CLS, hint)
+            return with_lora(base, config.lora, config.model.dropout, TaskType.SEQ_CLS, hint)
         base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype)
         hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and 'pooler' only with model.pooling='pooler')"
-        return with_lora(base, config.lora, None, hint)
+        return with_lora(base, config.lora, config.model.dropout, None, hint)
 
     @staticmethod
     def _inputs(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

@@ -343,7 +343,7 @@ class SquadTask:
         """The pretrained encoder with a fresh span head (qa_outputs) and LoRA adapters, seeded."""
         torch.manual_seed(config.seed)
         base = load_pretrained(AutoModelForQuestionAnswering.from_pretrained, self.model_path)
-        return with_lora(base, config.lora, TaskType.QUESTION_ANS, "the span head of BERT-like models is qa_outputs")
+        return with_lora(base, config.lora, config.model.dropout, TaskType.QUESTION_ANS, "the span head of BERT-like models is qa_outputs")
 
     def _inputs(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model inputs with padding trimmed to the longest window in the batch.

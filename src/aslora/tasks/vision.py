@@ -281,7 +281,7 @@ class VisionTask:
                 ignore_mismatched_sizes=True,
             )
         # Module names differ across transformers versions (ViT: query/value in 4.x, q_proj/v_proj in 5.x).
-        return with_lora(base, config.lora, None, "name modules of the model's head (ViT: classifier)")
+        return with_lora(base, config.lora, config.model.dropout, None, "name modules of the model's head (ViT: classifier)")
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean cross-entropy of the batch."""
