@@ -1,4 +1,5 @@
-"""AS-LoRA on the real model: joint clipping over all factors, exactness, schedules, privacy cost."""
+"""AS-LoRA on the real model: joint or group-wise clipping over all factors, exactness, schedules,
+privacy cost."""
 
 from __future__ import annotations
 
@@ -79,9 +80,11 @@ def test_fixed_schedules_reproduce_their_baselines_bit_for_bit(dp_config: Experi
     assert rolora_masks == [{"B"}, {"A"}]
 
 
-def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig) -> None:
+@pytest.mark.parametrize("share", [None, 0.25])
+def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig, share: float | None) -> None:
+    """Joint or group-wise clipping (selection.score_clip_share), the accountant's epsilon is FFA's."""
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa"}))
-    ours = run_experiment(dp_config.with_overrides({"method": "aslora"}))
+    ours = run_experiment(dp_config.with_overrides({"method": "aslora", "selection.score_clip_share": share}))
     assert [r["epsilon"] for r in metric_rows(ours.directory)] == [r["epsilon"] for r in metric_rows(ffa.directory)]
     assert ours.summary["epsilon"] > 0
     rows = metric_rows(ours.directory)
@@ -102,3 +105,12 @@ def test_official_rule_runs_under_dp_with_exact_aggregation(dp_config: Experimen
         assert row["agg_error"] < 1e-6
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa", "federation.rounds": 3}))
     assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in metric_rows(ffa.directory)]
+
+
+def test_a_zero_score_share_is_refused_where_the_score_reads_the_inactive_factors(
+    dp_config: ExperimentConfig,
+) -> None:
+    with pytest.raises(ValueError, match="score_clip_share=0 leaves the inactive factors no gradient"):
+        dp_config.with_overrides({"method": "aslora", "selection.score_clip_share": 0.0})
+    allowed = dp_config.with_overrides({"selection.score": "alternate", "selection.score_clip_share": 0.0})
+    assert allowed.selection.score_clip_share == 0.0

@@ -63,16 +63,52 @@ def _per_example_expected(task, view, params, batch, clip, expected_batch):
     return [t / expected_batch for t in total], norms
 
 
-def _dp_step(task, view, params, data, batch, clip):
+def _dp_step(task, view, params, data, batch, clip, clip_groups=None):
     """One Opacus DP-SGD step with zero noise on a fixed batch; returns the gradient it applied."""
     dp = DPSettings(enabled=True, noise_multiplier=0.0, clip=clip)
     generator = torch.Generator().manual_seed(0)
-    with private_training(view.model, params, data, 16 / len(data), "sgd", 0.0, dp, new_accountant("rdp"), generator) as s:
+    accountant = new_accountant("rdp")
+    with private_training(
+        view.model, params, data, 16 / len(data), "sgd", 0.0, dp, accountant, generator, clip_groups=clip_groups
+    ) as s:
         s.module.train()  # Opacus records activations in train mode only
         s.optimizer.zero_grad(set_to_none=True)
         task.loss(s.module, batch).backward()
         s.optimizer.step()
+        assert s.optimizer.max_grad_norm == clip  # the noise std is sigma C, whatever the groups
         return [p.grad.detach().clone() for p in params], s.optimizer.expected_batch_size
+
+
+def test_group_clipping_splits_the_budget_and_keeps_the_sensitivity(task_and_view) -> None:
+    """selection.score_clip_share: the A factors clipped to C sqrt(s), the rest to C sqrt(1 - s), so
+    every example still moves the sum by at most C (DP-SGD's sensitivity) at the same sigma."""
+    task, view = task_and_view
+    data = task.encode(task.train)
+    batch = data[:12]
+    clip, share = 1e-3, 0.2
+    params = view.set_trainable({layer: ("A", "B") for layer in view.layers}, train_head=True)
+    a_factors = [view.parameter(layer, "A") for layer in view.layers]
+    in_a = [any(p is q for q in a_factors) for p in params]
+    rest = [p for p, a in zip(params, in_a, strict=True) if not a]
+    applied, expected_batch = _dp_step(task, view, params, data, batch, clip, [(a_factors, share), (rest, 1 - share)])
+    thresholds = [clip * share**0.5 if a else clip * (1 - share) ** 0.5 for a in in_a]
+    want = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in range(len(batch[-1])):
+        grads = torch.autograd.grad(task.loss(view.model, tuple(t[i : i + 1] for t in batch)), params)
+        contribution = 0.0
+        for group in (True, False):
+            members = [k for k, a in enumerate(in_a) if a == group]
+            norm = float(torch.sqrt(sum((grads[k].double() ** 2).sum() for k in members)))
+            limit = thresholds[members[0]]
+            assert norm > 10 * limit  # every group of every example is really clipped
+            factor = min(1.0, limit / (norm + 1e-6))
+            contribution += (factor * norm) ** 2
+            for k in members:
+                want[k] += factor * grads[k].double()
+        assert contribution**0.5 <= clip * (1 + 1e-6)
+    for got, expected in zip(applied, want, strict=True):
+        expected = expected / expected_batch
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-4
 
 
 def test_clipping_is_exact_after_switching_factors(task_and_view) -> None:

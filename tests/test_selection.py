@@ -60,6 +60,21 @@ def test_quadratic_statistics_and_score_match_the_closed_form() -> None:
     assert score(stats, ScoreSettings("first_order", eta, tau, nu), m) == pytest.approx(eta_r * expected["G"])
 
 
+def test_a_scaled_factor_is_measured_as_if_clipped_like_the_trained_ones() -> None:
+    """selection.score_clip_share: a factor clipped to C sqrt(s) is scaled by k = sqrt((1 - s) / s),
+    its noise variance by k^2; pure noise at that scale still debiases to G about 0."""
+    rng = np.random.default_rng(2)
+    nu, tau, dim, k = 0.1, 5, 2000, 3.0
+    x = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    signal = torch.tensor(rng.normal(size=dim))
+    tracker = MomentTracker({("layer", "A"): x}, {("layer", "A"): k})
+    for _ in range(tau):
+        x.grad = signal / k + torch.tensor(rng.normal(scale=np.sqrt(nu), size=dim))
+        tracker.observe()
+    stats = tracker.statistics(nu)["layer"]["A"]
+    assert stats["G"] == pytest.approx(float((signal**2).sum()), rel=0.05)  # the signal at the trained scale
+
+
 def test_debiasing_removes_the_noise_from_g_and_the_fisher() -> None:
     """Pure-noise gradients: raw ||m1||^2 averages nu dim / tau; debiased G averages about 0."""
     rng = np.random.default_rng(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class LocalSettings:
     train_head: bool
     micro_batch_size: int = 0  # 0: the logical batch in one pass
     common_rate: float | None = None  # optim.batch_scaling 'by_size': every client samples at this rate
+    score_clip_share: float | None = None  # selection.score_clip_share: the inactive factors' part of C^2
 
     def rate(self, n_examples: int) -> float:
         """The Poisson sampling rate q of a client with `n_examples`: the one definition that DP-SGD,
@@ -145,8 +147,10 @@ def train_client(
     """Run `settings.steps` DP-SGD steps from the global state; return what was trained.
 
     With `job.statistics == "moments"`, every LoRA factor joins the
-    per-sample gradient (one joint clip), the privatised gradient of every
-    factor feeds the moment tracker, and only the masked factors are updated.
+    per-sample gradient (one joint clip, or with `settings.score_clip_share`
+    the inactive factors clipped to that share of C^2 and the rest to the
+    remainder), the privatised gradient of every factor feeds the moment
+    tracker, and only the masked factors are updated.
     With "last_step", the trained factors' final privatised gradient is kept.
     """
     if job.fail:
@@ -156,13 +160,20 @@ def train_client(
     view.set_factors(state.factors)
     view.set_head(state.head)
     view.set_residual(state.residual)
-    tracker, on_gradient = None, None
+    tracker, on_gradient, clip_groups = None, None, None
     if job.statistics == "moments":
         params = view.set_trainable(dict.fromkeys(view.layers, FACTORS), settings.train_head)
-        tracker = MomentTracker({(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS})
-        frozen = [
-            view.parameter(layer, f) for layer in view.layers for f in FACTORS if f not in job.mask.get(layer, ())
-        ]
+        inactive = [(layer, f) for layer in view.layers for f in FACTORS if f not in job.mask.get(layer, ())]
+        frozen = [view.parameter(layer, f) for layer, f in inactive]
+        scales: dict[tuple[str, str], float] = {}
+        if settings.score_clip_share is not None:
+            share = settings.score_clip_share
+            trained = [p for p in params if all(p is not q for q in frozen)]
+            clip_groups = [(frozen, share), (trained, 1 - share)]
+            scales = dict.fromkeys(inactive, math.sqrt((1 - share) / share))
+        tracker = MomentTracker(
+            {(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS}, scales
+        )
 
         def on_gradient() -> None:
             tracker.observe()
@@ -183,7 +194,7 @@ def train_client(
     losses, seen = [], 0
     with private_training(
         view.model, params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
-        accountant, generator, on_gradient,
+        accountant, generator, on_gradient, clip_groups,
     ) as session:
         session.module.train()
         batches = _batches(session.loader)

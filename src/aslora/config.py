@@ -179,6 +179,9 @@ class SyntheticConfig(_Section):
         return self
 
 
+SCORED = ("curvature", "first_order")  # AS-LoRA's scores that read the clients' gradient statistics
+
+
 class SelectionConfig(_Section):
     """AS-LoRA's factor choice (ALGORITHM.md section 4); used by method 'aslora'."""
 
@@ -195,6 +198,21 @@ class SelectionConfig(_Section):
     hysteresis: float = Field(0.0, ge=0, description="switch only if S_other > S_current + h |S_current|")
     min_dwell: int = Field(1, ge=1, description="rounds a factor stays active before it may switch")
     warmup_rounds: int = Field(0, ge=0, description="rounds that train B everywhere before selection")
+    score_clip_share: float | None = Field(
+        None, ge=0, lt=1,
+        description="the share of the clip budget C^2 given to the inactive factors, whose privatised "
+        "gradients only feed the score; the active factors and the head get the rest (group-wise "
+        "clipping, same sigma and accountant). null = one joint clip over all of them (ALGORITHM.md 4.1)",
+    )
+
+    @model_validator(mode="after")
+    def _share(self) -> SelectionConfig:
+        if self.score_clip_share == 0 and self.rule == "spec" and self.score in SCORED:
+            raise ValueError(
+                f"selection.score_clip_share=0 leaves the inactive factors no gradient, which score "
+                f"{self.score!r} reads: give them a share in (0, 1), or null for one joint clip"
+            )
+        return self
 
 
 class PrivacyConfig(_Section):

@@ -170,6 +170,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         train_head=config.lora.train_head,
         micro_batch_size=config.optim.micro_batch_size,
         common_rate=common,
+        score_clip_share=config.selection.score_clip_share,
     )
 
 

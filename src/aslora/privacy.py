@@ -23,6 +23,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Dataset
 
 
@@ -169,6 +170,44 @@ class TrainingSession:
         self.optimizer.step()
 
 
+ClipGroups = Sequence[tuple[Sequence[torch.nn.Parameter], float]]  # (parameters, their share of C^2)
+
+
+class GroupClipDPOptimizer(DPOptimizer):
+    """DP-SGD whose per-example clip is split over groups of parameters: group k is clipped to
+    C sqrt(share_k), the shares summing to 1.
+
+    Every example's whole gradient still has norm at most C, so DPOptimizer's
+    noise of std sigma C and the accountant's (sigma, q) are exactly DP-SGD's.
+    Opacus clips either all parameters jointly (DPOptimizer) or each one alone
+    (DPPerLayerOptimizer); groups of several parameters lie between, hence
+    this subclass, which changes the clipping only.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, groups: ClipGroups, max_grad_norm: float, **kwargs: object
+    ) -> None:
+        super().__init__(optimizer, max_grad_norm=max_grad_norm, **kwargs)
+        grouped = [id(p) for params, _ in groups for p in params]
+        if sorted(grouped) != sorted(id(p) for p in self.params) or not math.isclose(sum(s for _, s in groups), 1.0):
+            raise ValueError("clip groups must hold every trained parameter once, with shares summing to 1")
+        self.clip_groups = [(list(params), max_grad_norm * math.sqrt(share)) for params, share in groups]
+
+    def clip_and_accumulate(self) -> None:
+        for params, threshold in self.clip_groups:
+            if not params:
+                continue
+            for p in params:
+                _check_processed_flag(p.grad_sample)
+            samples = [self._get_flat_grad_sample(p) for p in params]
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            factor = (threshold / (norms + 1e-6)).clamp(max=1.0)
+            for p, g in zip(params, samples, strict=True):
+                clipped = torch.einsum("i,i...", factor.to(p.dtype), g.to(p.dtype))
+                p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
+                _mark_as_processed(p.grad_sample)
+
+
 @contextmanager
 def private_training(
     model: torch.nn.Module,
@@ -181,6 +220,7 @@ def private_training(
     accountant: IAccountant,
     generator: torch.Generator,
     on_gradient: Callable[[], None] | None = None,
+    clip_groups: ClipGroups | None = None,
 ) -> Iterator[TrainingSession]:
     """Attach Opacus to `model` for one round; detach and clean up afterwards.
 
@@ -189,7 +229,8 @@ def private_training(
     example's gradient over `params` jointly to `dp.clip`, adds Gaussian noise
     of std `sigma * clip`, divides by the expected batch size, and records the
     step in `accountant`. `on_gradient` runs on every step's final gradient,
-    before the optimiser applies it.
+    before the optimiser applies it. With `clip_groups` the clip is split
+    over groups of `params` (GroupClipDPOptimizer), at the same sigma.
     """
     loader = DPDataLoader(dataset, sample_rate=rate, generator=generator)
     optimizer = OPTIMIZERS[optimizer_name](params, lr=lr)
@@ -197,7 +238,10 @@ def private_training(
         yield TrainingSession(model, optimizer, loader, rate, 0.0, on_gradient)
         return
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
+    optimizer_class = (
+        DPOptimizer if clip_groups is None else functools.partial(GroupClipDPOptimizer, groups=clip_groups)
+    )
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.clip,

@@ -18,15 +18,22 @@ import numpy as np
 import torch
 
 FactorStats = dict[str, dict[str, dict[str, float]]]  # layer -> factor -> {"G", "Q", "T"}
-SCORED = ("curvature", "first_order")  # scores that need the clients' statistics
 SCHEDULES = ("random", "always_b", "alternate")  # choices made without statistics
 
 
 class MomentTracker:
-    """Per-factor first and second moments of the privatised gradient over a round (4.1)."""
+    """Per-factor first and second moments of the privatised gradient over a round (4.1).
 
-    def __init__(self, factors: Mapping[tuple[str, str], torch.nn.Parameter]) -> None:
+    `scales` multiply a factor's gradient before it is measured (and its noise
+    variance by the square): a factor clipped to a smaller share of the budget
+    (selection.score_clip_share) is seen as if clipped like the trained ones.
+    """
+
+    def __init__(
+        self, factors: Mapping[tuple[str, str], torch.nn.Parameter], scales: Mapping[tuple[str, str], float] | None = None
+    ) -> None:
         self.factors = dict(factors)
+        self.scales = {key: (scales or {}).get(key, 1.0) for key in self.factors}
         self.total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
         self.total_sq = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
         self.steps = 0
@@ -37,7 +44,7 @@ class MomentTracker:
         for key, p in self.factors.items():
             if p.grad is None:
                 raise RuntimeError(f"no gradient for {key}: every LoRA factor must be in the DP-SGD step")
-            g = p.grad.detach().to(torch.float64)
+            g = p.grad.detach().to(torch.float64) * self.scales[key]
             self.total[key] += g
             self.total_sq[key] += g * g
         self.steps += 1
@@ -47,7 +54,8 @@ class MomentTracker:
         stats: FactorStats = {}
         for (layer, factor), total in self.total.items():
             stats.setdefault(layer, {})[factor] = moment_statistics(
-                total / max(self.steps, 1), self.total_sq[(layer, factor)] / max(self.steps, 1), self.steps, nu
+                total / max(self.steps, 1), self.total_sq[(layer, factor)] / max(self.steps, 1), self.steps,
+                nu * self.scales[(layer, factor)] ** 2,
             )
         return stats
 

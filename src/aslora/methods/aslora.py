@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from aslora.config import SCORED
 from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask, MethodContext
 from aslora.selection import (
-    SCORED,
     DecisionSettings,
     ScoreSettings,
     decide,
