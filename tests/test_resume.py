@@ -87,14 +87,49 @@ def test_checkpoint_round_trip_keeps_tensors_keys_and_types(tmp_path: Path) -> N
     assert load_checkpoint(tmp_path / "missing") is None
 
 
-def _finished_synthetic(tmp_path: Path) -> Path:
+def _finished_synthetic(tmp_path: Path, **overrides: object) -> Path:
     from aslora.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     config = load_config(repo / "configs" / "synthetic.toml").with_overrides(
-        {"output_dir": str(tmp_path / "runs"), "federation.rounds": 2, "method": "ffa"}
+        {"output_dir": str(tmp_path / "runs"), "federation.rounds": 2, "method": "ffa"} | overrides
     )
     return run_experiment(config).directory
+
+
+def test_an_extension_re_plans_the_noise_within_the_stored_budget(caplog) -> None:
+    """Half of a 4-round plan done, extended to 6: the last 4 rounds get a larger sigma, the first
+    2 keep theirs, and the composed epsilon is the budget, by Opacus's accountant."""
+    import pytest
+
+    from aslora.client import LocalSettings
+    from aslora.config import ConfigError, load_config
+    from aslora.experiment import extend_privacy, plan_privacy, planned_steps
+    from aslora.privacy import DPSettings, restore_accountant, spent_epsilon
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(repo / "configs" / "synthetic.toml").with_overrides({"federation.rounds": 4})
+    local = LocalSettings(config.federation.local_steps, config.optim.batch_size, 0.1, "sgd",
+                          DPSettings(False, 0.0, 1.0), "rdp", True)
+    sizes = [400] * config.data.num_clients
+    plan = plan_privacy(config, sizes, local)
+    longer = config.with_overrides({"federation.rounds": 6})
+    extended = extend_privacy(plan, longer, rounds_done=2)
+    (first, sigma), (resumed_at, later) = extended.segments
+    assert (first, sigma, resumed_at) == (0, plan.noise_multiplier, 2) and later > sigma
+    q, before = plan.max_sample_rate, planned_steps(config, 2)
+    history = [(sigma, q, before), (later, q, planned_steps(longer, 6) - before)]
+    assert spent_epsilon(restore_accountant("rdp", history), config.privacy.delta) == pytest.approx(
+        config.privacy.epsilon, rel=1e-6
+    )
+    assert extended.planned_epsilon == pytest.approx(config.privacy.epsilon, rel=1e-6)
+    assert not caplog.records
+    finished = extend_privacy(plan, longer, rounds_done=4)  # the whole plan done: the calibration's slack is left
+    assert finished.segments[-1][1] > 4 * sigma and "mostly noise" in caplog.text
+    assert finished.planned_epsilon <= config.privacy.epsilon * (1 + 1e-6)
+    spent = config.with_overrides({"privacy.epsilon": plan.planned_epsilon * 0.999, "federation.rounds": 6})
+    with pytest.raises(ConfigError, match="budget cannot grow inside a run"):
+        extend_privacy(plan, spent, rounds_done=4)  # a budget already spent leaves no room at all
 
 
 def test_resume_refuses_an_edited_config_naming_the_keys(tmp_path: Path) -> None:
@@ -155,6 +190,34 @@ def test_resume_with_other_flags_is_an_error(tmp_path: Path) -> None:
     from aslora.cli import app
 
     run = _finished_synthetic(tmp_path)
-    for extra in (["--rounds", "80", "--epsilon", "10"], ["configs/demo.toml"]):
+    for extra in (["--rounds", "80", "--epsilon", "10"], ["configs/demo.toml"], ["--seed", "3"]):
         result = CliRunner().invoke(app, ["run", *extra, "--resume", str(run)])
         assert result.exit_code == 2 and "--resume continues a run with the settings it started with" in result.output
+
+
+def test_resume_with_rounds_extends_a_run_and_says_so(tmp_path: Path) -> None:
+    """`--resume X --rounds N`: N rounds in all, the sigma of each segment in summary.json, and the
+    files agree again, even after a stop between writing config.json and the checkpoint."""
+    from typer.testing import CliRunner
+
+    from aslora.cli import _resumed_config, app
+
+    run = _finished_synthetic(tmp_path, **{"privacy.noise_multiplier": 2.0, "privacy.epsilon": 50.0})
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["federation"]["rounds"] = 3  # as left by an extension stopped before its checkpoint
+    (run / "config.json").write_text(json.dumps(stored))
+    result = CliRunner().invoke(app, ["run", "--resume", str(run), "--rounds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "extended run: sigma 2 from round 1, sigma 2 from round 3, within the budget epsilon = 50" in result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["rounds_completed"], summary["rounds_planned"]) == (3, 3)
+    assert summary["noise_multiplier_by_segment"] == [
+        {"first_round": 0, "noise_multiplier": 2.0}, {"first_round": 2, "noise_multiplier": 2.0}
+    ]
+    epsilons = [row["epsilon"] for row in metric_rows(run)]
+    assert len(epsilons) == 3 and epsilons[0] < epsilons[1] < epsilons[2] <= 50
+    assert load_checkpoint(run).config["federation"]["rounds"] == 3
+    assert json.loads((run / "config.json").read_text())["privacy_plan"]["segments"] == [[0, 2.0], [2, 2.0]]
+    run_experiment(_resumed_config(run), resume=run)  # a plain resume agrees with the record again
+    again = CliRunner().invoke(app, ["run", "--resume", str(run), "--rounds", "3"])
+    assert again.exit_code == 2 and "already plans 3 rounds" in again.output

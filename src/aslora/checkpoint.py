@@ -33,6 +33,7 @@ class Checkpoint:
     initial_metrics: dict[str, float]
     config: dict[str, Any] | None = None  # the resolved config it ran with (None: an older checkpoint)
     wall_s: float = 0.0  # wall time of every segment of the run so far (resumes add up)
+    privacy: dict[str, Any] | None = None  # the privacy plan: sigma per segment, planned steps and epsilon
 
 
 class CheckpointError(ValueError):
@@ -74,6 +75,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         "initial_metrics": checkpoint.initial_metrics,
         "config": checkpoint.config,
         "wall_s": checkpoint.wall_s,
+        "privacy": checkpoint.privacy,
     }
     tensor_file = f"checkpoint-{checkpoint.rounds_done:05d}.safetensors"
     save_file(tensors, str(directory / tensor_file))
@@ -109,7 +111,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
         return Checkpoint(
             body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config"),
-            body.get("wall_s", 0.0),
+            body.get("wall_s", 0.0), body.get("privacy"),
         )
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         raise CheckpointError(

@@ -80,7 +80,9 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML file, e.g. configs/demo.toml")] = None,
     method: MethodOpt = None,
     epsilon: EpsilonOpt = None,
-    rounds: RoundsOpt = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="communication rounds; with --resume, extend the run to N rounds")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="run seed")] = None,
     data_dir: DataDirOpt = None,
     output_dir: OutputOpt = None,
@@ -94,13 +96,14 @@ def run(
 
     try:
         if resume is not None:
-            given = {"CONFIG": config, "--method": method, "--epsilon": epsilon, "--rounds": rounds, "--seed": seed,
+            given = {"CONFIG": config, "--method": method, "--epsilon": epsilon, "--seed": seed,
                      "--data-dir": data_dir, "--output-dir": output_dir}
             ignored = [name for name, value in given.items() if value is not None]
             if ignored:
                 raise ValueError(
                     f"--resume continues a run with the settings it started with; drop {', '.join(ignored)} "
-                    "(extending or changing a run is not offered: start a new run instead)"
+                    "(only --rounds N may go with it, to extend the run within its privacy budget; any "
+                    "other change is a new run)"
                 )
             cfg = _resumed_config(resume)
         elif config is None:
@@ -117,13 +120,18 @@ def run(
             summary, directory = _run_on_flower(cfg)
         elif engine == "local":
             with _progress() as progress:
-                result = run_experiment(cfg, progress, resume=resume)
+                result = run_experiment(cfg, progress, resume=resume, extend_to=rounds if resume else None)
             summary, directory = result.summary, result.directory
         else:
             raise ValueError(f"--engine {engine!r}: choose local or flower")
     except (ConfigError, DataNotFoundError, ValueError, OSError, RuntimeError) as exc:
         _fail(exc)
     console.print(comparison_table([summary], _metric(summary)))
+    segments = summary.get("noise_multiplier_by_segment", [])
+    if len(segments) > 1:
+        parts = ", ".join(f"sigma {s['noise_multiplier']:.4g} from round {s['first_round'] + 1}" for s in segments)
+        budget = cfg.privacy.epsilon
+        console.print(f"extended run: {parts}" + (f", within the budget epsilon = {budget}" if budget else ""))
     console.print(f"results in [bold]{directory}[/]")
 
 

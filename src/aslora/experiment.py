@@ -24,7 +24,14 @@ from aslora.diagnostics import mean_loss
 from aslora.engines.local import LocalEngine
 from aslora.methods import GlobalState, Method, MethodContext, get_method
 from aslora.partition import hold_out, partition, set_apart
-from aslora.privacy import DPSettings, calibrate_noise, epsilon_for
+from aslora.privacy import (
+    DPSettings,
+    calibrate_continuation,
+    calibrate_noise,
+    epsilon_for,
+    restore_accountant,
+    spent_epsilon,
+)
 from aslora.results import RunDirectory
 from aslora.server import Engine, Federation, RoundRecord, ServerSettings
 from aslora.tasks import Task, load_task
@@ -43,6 +50,26 @@ class PrivacyPlan:
     planned_epsilon: float | None
     delta: float
     budget: float | None
+    # (first round, sigma) of every segment: a run extended with `--resume --rounds` has several
+    segments: tuple[tuple[int, float], ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the plan: it is the record a resume continues from."""
+        return {"segments": [list(s) for s in self.segments], "planned_epsilon": self.planned_epsilon,
+                "planned_steps": self.planned_steps}
+
+    def restored(self, record: dict[str, Any]) -> PrivacyPlan:
+        """This plan with the sigma, steps and epsilon a checkpoint recorded."""
+        segments = tuple((int(first), float(sigma)) for first, sigma in record["segments"])
+        return replace(self, noise_multiplier=segments[-1][1], segments=segments,
+                       planned_epsilon=record["planned_epsilon"], planned_steps=record["planned_steps"])
+
+
+def planned_steps(config: ExperimentConfig, rounds: int) -> int:
+    """The DP-SGD steps of the most exposed client over `rounds`: its expected participations,
+    rounds * m / N rounded up, times the local steps."""
+    fed = config.federation
+    return fed.local_steps * math.ceil(rounds * fed.clients_per_round / config.data.num_clients)
 
 
 def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: LocalSettings) -> PrivacyPlan:
@@ -52,12 +79,11 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: Local
     server enforces the budget at run time for clients sampled more often.
     Refuses a directly given sigma that would exceed the configured budget.
     """
-    p, fed = config.privacy, config.federation
-    participations = math.ceil(fed.rounds * fed.clients_per_round / config.data.num_clients)
-    steps = fed.local_steps * participations
+    p = config.privacy
+    steps = planned_steps(config, config.federation.rounds)
     q = max(local.rate(n) for n in client_sizes)
     if not p.enabled:
-        return PrivacyPlan(False, 0.0, q, steps, None, p.delta, None)
+        return PrivacyPlan(False, 0.0, q, steps, None, p.delta, None, ((0, 0.0),))
     smallest = min(client_sizes)
     if p.delta >= 1 / smallest:
         # (epsilon, delta)-DP with delta >= 1/n allows publishing one of n examples outright.
@@ -82,7 +108,50 @@ def plan_privacy(config: ExperimentConfig, client_sizes: list[int], local: Local
         except ValueError as exc:
             raise ConfigError(f"privacy.epsilon: {exc} (federation.rounds, local_steps, optim.batch_size)") from None
         planned = epsilon_for(sigma, p.delta, q, steps, p.accountant)
-    return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon)
+    return PrivacyPlan(True, sigma, q, steps, planned, p.delta, p.epsilon, ((0, sigma),))
+
+
+def extend_privacy(plan: PrivacyPlan, config: ExperimentConfig, rounds_done: int) -> PrivacyPlan:
+    """The plan of a run extended, after `rounds_done` rounds, to config.federation.rounds.
+
+    The rounds done keep the sigma their segments used; the rounds to come
+    get the smallest sigma that keeps the most exposed client's planned steps
+    within the stored budget (privacy.epsilon). A noise_multiplier given
+    without a budget stays, and the planned epsilon grows.
+    """
+    if not plan.enabled:
+        return plan
+    p, q = config.privacy, plan.max_sample_rate
+    ends = [first for first, _ in plan.segments[1:]] + [rounds_done]
+    history = [
+        (sigma, q, planned_steps(config, end) - planned_steps(config, first))
+        for (first, sigma), end in zip(plan.segments, ends, strict=True)
+    ]
+    history = [h for h in history if h[2] > 0]
+    steps = planned_steps(config, config.federation.rounds) - planned_steps(config, rounds_done)
+    if p.noise_multiplier is not None or p.epsilon is None:
+        sigma = plan.noise_multiplier  # a given sigma is kept (plan_privacy checked it against any budget)
+    else:
+        try:
+            sigma = calibrate_continuation(history, p.epsilon, p.delta, q, steps, p.accountant)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--rounds {config.federation.rounds}: {exc} (privacy.epsilon = {p.epsilon}); the budget "
+                "cannot grow inside a run: start a new run with a larger privacy.epsilon"
+            ) from None
+    if sigma > 4 * plan.segments[0][1]:
+        log.warning(
+            "the budget left after %d rounds buys sigma %.4g for the %d rounds to come, %.0fx the first "
+            "segment's: they will add mostly noise", rounds_done, sigma, config.federation.rounds - rounds_done,
+            sigma / plan.segments[0][1],
+        )
+    full = [*history, (sigma, q, steps)]
+    planned = spent_epsilon(restore_accountant(p.accountant, full), p.delta)
+    kept = tuple(s for s in plan.segments if s[0] < rounds_done)
+    return replace(
+        plan, noise_multiplier=sigma, planned_steps=sum(h[2] for h in full), planned_epsilon=planned,
+        segments=(*kept, (rounds_done, sigma)),
+    )
 
 
 def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodContext:
@@ -148,6 +217,15 @@ class Setup:
     def method(self) -> Method:
         return get_method(self.config.method, method_context(self.config, self.privacy))
 
+    def resumed(self, checkpoint: Checkpoint, extending: bool) -> Setup:
+        """This setup with the privacy plan its checkpoint recorded (extended where asked): the noise
+        a resumed run trains with is the one its record says, never a fresh calibration."""
+        plan = self.privacy if checkpoint.privacy is None else self.privacy.restored(checkpoint.privacy)
+        if extending:
+            plan = extend_privacy(plan, self.config, checkpoint.rounds_done)
+        dp = DPSettings(plan.enabled, plan.noise_multiplier, self.config.privacy.clip)
+        return replace(self, privacy=plan, local=replace(self.local, dp=dp))
+
 
 def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSettings) -> LocalSettings:
     """How every client trains; with optim.batch_scaling 'by_size', one sampling rate for all."""
@@ -205,8 +283,14 @@ def check_rank(view: LoraView, rank: int) -> None:
         )
 
 
-def check_resumable(run_dir: RunDirectory, checkpoint: Checkpoint | None, config: ExperimentConfig) -> None:
-    """Refuse a resume that would lose rounds or mix settings: the checkpoint is the record."""
+def check_resumable(
+    run_dir: RunDirectory, checkpoint: Checkpoint | None, config: ExperimentConfig, extending: bool = False
+) -> None:
+    """Refuse a resume that would lose rounds or mix settings: the checkpoint is the record.
+
+    An extension (`extending`) may find federation.rounds already changed in
+    one of the two files: it was stopped between writing them.
+    """
     metrics = run_dir.path / "metrics.jsonl"
     done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     if checkpoint is None and done:
@@ -217,12 +301,30 @@ def check_resumable(run_dir: RunDirectory, checkpoint: Checkpoint | None, config
     if checkpoint is None or checkpoint.config is None:
         return  # nothing done yet, or a checkpoint older than this record: nothing to check against
     changed = _differences(checkpoint.config, config.model_dump(mode="json"))
+    if extending:
+        changed = [c for c in changed if not c.startswith("federation.rounds ")]
     if changed:
         raise ConfigError(
             f"{run_dir.path / 'config.json'} no longer matches the settings the run's checkpoint was made with: "
-            f"{', '.join(changed)}. A run continues with the settings it started with: restore config.json, "
-            "or start a new run"
+            f"{', '.join(changed)}. A run continues with the settings it started with: restore config.json "
+            "(more rounds: `aslora run --resume DIR --rounds N`), or start a new run"
         )
+
+
+def extended(config: ExperimentConfig, checkpoint: Checkpoint | None, rounds: int) -> ExperimentConfig:
+    """`config` with `rounds` rounds, for a run that continues past the rounds it planned."""
+    if checkpoint is None or checkpoint.privacy is None:
+        raise ConfigError(
+            "--rounds with --resume extends a run from its checkpoint's privacy record, and this run has "
+            "none (no round done yet, or an older checkpoint): resume it without --rounds"
+        )
+    planned = checkpoint.config["federation"]["rounds"] if checkpoint.config else config.federation.rounds
+    if rounds <= planned:
+        raise ConfigError(
+            f"--rounds {rounds}: the run already plans {planned} rounds; --rounds extends it past them "
+            "(to finish an interrupted run, resume without --rounds)"
+        )
+    return config.with_overrides({"federation.rounds": rounds})
 
 
 def _differences(before: Any, after: Any, prefix: str = "") -> list[str]:
@@ -238,14 +340,26 @@ def run_experiment(
     progress: Progress | None = None,
     engine: Callable[[Setup], Engine] = Setup.local_engine,
     resume: Path | None = None,
+    extend_to: int | None = None,
 ) -> RunResult:
     """Run every round of `config` over `engine` (in-process by default) and write its run directory.
 
     The federation is checkpointed after every round; with `resume` (a run
-    directory) the run continues from its last checkpoint, in that directory.
+    directory) the run continues from its last checkpoint, in that directory,
+    and with `extend_to` it goes on to that many rounds, its noise re-planned
+    within the stored budget (`extend_privacy`).
     """
     started = time.perf_counter()
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if resume is not None:
+        check_resumable(RunDirectory(resume), checkpoint, config, extending=extend_to is not None)
+        if extend_to is not None:
+            config = extended(config, checkpoint, extend_to)
+    elif extend_to is not None:
+        raise ConfigError("extend_to continues a run: give the run directory to resume")
     setup = prepare(config)
+    if checkpoint is not None:
+        setup = setup.resumed(checkpoint, extending=extend_to is not None)
     task, held_out, privacy, view, sizes = setup.task, setup.held_out, setup.privacy, setup.view, setup.sizes
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
     method = setup.method()
@@ -320,11 +434,11 @@ def run_experiment(
         train_head=config.lora.train_head,
         probe=probe_loss if probe_data is not None else None,
     )
-    checkpoint = load_checkpoint(resume) if resume is not None else None
     if resume is not None:
         run_dir = RunDirectory(resume)
-        check_resumable(run_dir, checkpoint, config)
         remove_debris(run_dir.path)
+        if extend_to is not None:
+            run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
     else:
         run_dir = RunDirectory.create(config)
         run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
@@ -364,7 +478,7 @@ def run_experiment(
         save_checkpoint(
             run_dir.path,
             Checkpoint(r + 1, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"),
-                       earlier_s + time.perf_counter() - started),
+                       earlier_s + time.perf_counter() - started, privacy.record()),
         )
         if progress is not None:
             progress.advance(rounds_task)
@@ -376,6 +490,6 @@ def run_experiment(
     view.set_head(federation.state.head)
     run_dir.export_adapter(view, federation.state.residual)
     wall_s = earlier_s + time.perf_counter() - started
-    summary = run_dir.summarise(config, records, initial, privacy.noise_multiplier, wall_s, stopped)
+    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped)
     run_dir.plot(records, config)
     return RunResult(run_dir.path, summary, records)

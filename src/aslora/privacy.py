@@ -128,6 +128,42 @@ def epsilon_for(sigma: float, delta: float, sample_rate: float, steps: int, acco
     return spent_epsilon(restore_accountant(accountant, [(sigma, sample_rate, steps)]), delta)
 
 
+def calibrate_continuation(
+    history: Sequence[tuple[float, float, int]],
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+) -> float:
+    """The smallest sigma for `steps` more steps at `sample_rate` after `history`, within `epsilon`.
+
+    Opacus calibrates a single (q, steps) from nothing; a run extended after
+    some rounds composes its past with the steps to come, so this bisects
+    on the composed epsilon itself (40 halvings of [1e-3, 2000]: bounded time,
+    sigma to 1e-10 relative). Raises ValueError where the past leaves no room
+    below sigma 2,000, where Opacus's own calibration gives up too.
+    """
+    check_accounting(delta, sample_rate, steps)
+
+    def spent(sigma: float) -> float:
+        return spent_epsilon(restore_accountant(accountant, [*history, (sigma, sample_rate, steps)]), delta)
+
+    past = spent_epsilon(restore_accountant(accountant, history), delta) if history else 0.0
+    low, high = 1e-3, 2000.0
+    if past >= epsilon or spent(high) > epsilon:
+        raise ValueError(
+            f"the steps taken so far spend epsilon {past:.4g} of the budget {epsilon:g}: no noise leaves "
+            f"room for {steps} more steps"
+        )
+    if spent(low) <= epsilon:
+        return low
+    for _ in range(40):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)
+    return high
+
+
 def check_accounting(delta: float, sample_rate: float, steps: int) -> None:
     """What every accountant query needs: 0 < delta < 1, 0 < q <= 1 and at least one step, all finite
     (a NaN would make the searches for sigma or epsilon run forever)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class RunDirectory:
         config: ExperimentConfig,
         records: list[RoundRecord],
         initial: dict[str, float],
-        noise_multiplier: float,
+        segments: Sequence[tuple[int, float]],
         wall_time_s: float,
         stopped: str | None,
     ) -> dict[str, Any]:
@@ -94,7 +95,9 @@ class RunDirectory:
             "metric_by_round": {r.round: r.metrics for r in evaluated},
             "epsilon": records[-1].epsilon if records else 0.0,
             "delta": config.privacy.delta,
-            "noise_multiplier": noise_multiplier,
+            "noise_multiplier": segments[-1][1],
+            # several where the run was extended (`--resume --rounds`): the sigma of each part
+            "noise_multiplier_by_segment": [{"first_round": r, "noise_multiplier": s} for r, s in segments],
             "mean_agg_error": _mean([r.agg_error for r in records if r.agg_error is not None], None),
             "total_agg_time_s": sum(r.agg_time_s for r in records),
             "total_server_time_s": sum(r.server_time_s for r in records),
