@@ -225,15 +225,23 @@ def test_a_client_that_under_reports_its_privacy_cost_is_rejected_and_charged_th
         assert histories[client] == [[plan["noise_multiplier"], pytest.approx(rate, rel=1e-12), config.federation.local_steps]]
 
 
-def test_a_binary_config_a_negative_seed_and_a_header_only_tsv_get_one_clear_line(tmp_path: Path, data_dir: Path) -> None:
+def test_a_binary_config_a_negative_seed_a_float_label_and_a_header_only_tsv_get_one_clear_line(tmp_path: Path, data_dir: Path) -> None:
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(128, 256)))
     folder = tmp_path / "glue" / "SST-2"
     folder.mkdir(parents=True)
     (folder / "train.tsv").write_text((data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[0] + "\n")
     (folder / "dev.tsv").write_text((data_dir / "glue" / "SST-2" / "dev.tsv").read_text())
+    floats = tmp_path / "floats" / "glue" / "SST-2"
+    floats.mkdir(parents=True)
+    rows = (data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[:40]
+    rows[7] = rows[7].rsplit("\t", 1)[0] + "\t0.5"  # one float label must be named alone, at its row
+    (floats / "train.tsv").write_text("\n".join(rows) + "\n")
+    (floats / "dev.tsv").write_text((data_dir / "glue" / "SST-2" / "dev.tsv").read_text())
     base = str(REPO / "tests" / "base.toml")
     cases = [
+        (["run", base, "--data-dir", str(tmp_path / "floats"), "--output-dir", str(tmp_path / "runs")],
+         "1 example(s) have a label outside ['0', '1'] (first at data row 7: '0.5')"),
         (["run", str(binary)], "binary.toml is not a text file"),
         (["run", base, "--seed", "-1"], "'seed': Input should be greater than or equal to 0"),
         (["run", base, "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs")], "train.tsv holds no examples"),
@@ -265,3 +273,31 @@ def test_a_client_that_failed_is_not_marked_synchronised(tmp_path: Path) -> None
     # (one safetensors header for A and B together instead of two: a few bytes less than the sum)
     assert faulty[2]["bytes_down_per_client"] == pytest.approx(a_bytes + len(missed) * b_bytes / 10, rel=0.01)
     assert faulty[2]["bytes_down_per_client"] > a_bytes + 0.9 * len(missed) * b_bytes / 10
+
+
+def test_a_run_directory_that_cannot_be_written_mid_run_gets_one_line_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at round 2: exit 2, the file and the fix named, and round 1's checkpoint resumes."""
+    from aslora.results import RunDirectory
+
+    original, calls = RunDirectory.append_record, []
+
+    def full_disk(self: RunDirectory, record: object) -> None:
+        calls.append(record)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(self.path / "metrics.jsonl"))
+        original(self, record)
+
+    monkeypatch.setattr(RunDirectory, "append_record", full_disk)
+    args = ["run", str(REPO / "configs" / "synthetic.toml"), "--rounds", "3", "--output-dir", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "metrics.jsonl (No space left on device): free space or make it writable" in output
+    assert "keeps the checkpoint of its last finished round: then `aslora run --resume" in output
+    monkeypatch.setattr(RunDirectory, "append_record", original)
+    (run,) = (tmp_path / "runs").iterdir()
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3

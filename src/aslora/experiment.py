@@ -335,6 +335,10 @@ def _differences(before: Any, after: Any, prefix: str = "") -> list[str]:
     return [] if before == after else [f"{prefix.rstrip('.')} ({before!r} -> {after!r})"]
 
 
+class RunDirectoryError(ValueError):
+    """The run directory could not be written; the message names the file and how to go on."""
+
+
 def run_experiment(
     config: ExperimentConfig,
     progress: Progress | None = None,
@@ -347,8 +351,33 @@ def run_experiment(
     The federation is checkpointed after every round; with `resume` (a run
     directory) the run continues from its last checkpoint, in that directory,
     and with `extend_to` it goes on to that many rounds, its noise re-planned
-    within the stored budget (`extend_privacy`).
+    within the stored budget (`extend_privacy`). A write that fails (a full
+    disk, a directory made read-only mid-run) is a RunDirectoryError.
     """
+    try:
+        return _run_experiment(config, progress, engine, resume, extend_to)
+    except OSError as exc:
+        written = Path(exc.filename) if exc.filename else None
+        roots = [Path(config.output_dir).resolve()] + ([resume.resolve()] if resume is not None else [])
+        if written is None or not any(written.resolve().is_relative_to(root) for root in roots):
+            raise
+        run = next((p for p in [written, *written.parents] if (p / "config.json").is_file()), None)
+        then = (
+            f"{run} keeps the checkpoint of its last finished round: then `aslora run --resume {run}`"
+            if run is not None and (run / "checkpoint.json").is_file() else "then run it again"
+        )
+        raise RunDirectoryError(
+            f"cannot write {written} ({exc.strerror or exc}): free space or make it writable; {then}"
+        ) from None
+
+
+def _run_experiment(
+    config: ExperimentConfig,
+    progress: Progress | None,
+    engine: Callable[[Setup], Engine],
+    resume: Path | None,
+    extend_to: int | None,
+) -> RunResult:
     started = time.perf_counter()
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if resume is not None:

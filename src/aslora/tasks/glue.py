@@ -66,10 +66,16 @@ GLUE = {
 }
 
 
-def _read_tsv(path: Path) -> datasets.Dataset:
-    # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text.
+def _read_tsv(path: Path, spec: GlueSpec) -> datasets.Dataset:
+    # QUOTE_NONE (3): GLUE TSVs contain bare quotes that are part of the text. The texts and the
+    # label are read as the text they are: one stray '0.5' must not turn every label into a
+    # float, nor a sentence 'null' into a missing value.
+    as_text = dict.fromkeys([*spec.tsv_texts, spec.tsv_label], str)
     try:
-        table = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+        table = datasets.load_dataset(
+            "csv", data_files=str(path), delimiter="\t", quoting=3, split="train", converters=as_text,
+            keep_default_na=False,
+        )
     except datasets.exceptions.DatasetGenerationError as exc:  # pandas' parser error is its cause
         cause = exc.__cause__ or exc
         raise DataFormatError(
@@ -92,7 +98,7 @@ def _load_local(folder: Path, spec: GlueSpec) -> tuple[datasets.Dataset, dict[st
     subset = folder.parent / "train_subsets" / spec.folder
     train_file = folder / "train.tsv"
     if train_file.is_file():
-        train = _read_tsv(train_file)
+        train = _read_tsv(train_file, spec)
     elif (subset / "train.json").is_file():
         log.warning("GLUE/%s: no train.tsv; training on the subset in %s", spec.folder, subset)
         train = _read_subset(subset / "train.json", spec)
@@ -104,7 +110,7 @@ def _load_local(folder: Path, spec: GlueSpec) -> tuple[datasets.Dataset, dict[st
     evals = {}
     for name, (_, file) in spec.evals.items():
         if (folder / file).is_file():
-            evals[name] = _read_tsv(folder / file)
+            evals[name] = _read_tsv(folder / file, spec)
         elif name == "" and (subset / "dev.json").is_file():
             log.warning("GLUE/%s: no %s; evaluating on %s, drawn from the TRAIN set", spec.folder, file, subset / "dev.json")
             evals[name] = _read_subset(subset / "dev.json", spec)
@@ -175,7 +181,7 @@ def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], where: s
                 f"{where}: {len(empty)} example(s) have an empty text in '{column}' (first at data row "
                 f"{empty[0] + 1}); remove or fix them in the data files"
             )
-    unlabelled = [i for i, label in enumerate(split["label"]) if label is None]
+    unlabelled = [i for i, label in enumerate(split["label"]) if label is None or not str(label).strip()]
     if unlabelled:
         raise ValueError(
             f"{where}: {len(unlabelled)} example(s) have no label (first at data row {unlabelled[0] + 1}); "
