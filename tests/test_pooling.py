@@ -97,6 +97,17 @@ def test_model_dropout_replaces_the_pretrained_rates_only(data_dir: Path, dropou
     assert torch.equal(first, second) == (dropout == 0.0)
 
 
+def test_lora_layers_adapt_only_the_named_blocks(data_dir: Path) -> None:
+    config = _config(data_dir, **{"lora.layers": [3, 5]})
+    task = load_task(config)
+    view = LoraView(task.build_model(config))
+    assert {int(layer.split(".layer.")[1].split(".")[0]) for layer in view.layers} == {3, 5}
+    with pytest.raises(ValueError, match=r"lora.layers names blocks \[9\].*blocks 0 to 5"):
+        task.build_model(config.with_overrides({"lora.layers": [9]}))
+    with pytest.raises(ConfigError, match="distinct and >= 0"):
+        config.with_overrides({"lora.layers": [-1]})
+
+
 def test_bad_pooling_and_head_fail_before_training(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match="head_init='zero' with train_head=false"):
         _config(data_dir, **{"lora.head_init": "zero", "lora.train_head": False})

@@ -73,6 +73,10 @@ class LoraSettings(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Strings = ("query", "value")
+    layers: Integers = Field(
+        (), description="indices of the transformer blocks that get adapters, e.g. [3, 4, 5]; empty = every "
+        "block. Backpropagation stops at the lowest one, so upper blocks alone train faster per example",
+    )
     train_head: bool = Field(True, description="false: the head stays at its seeded initialisation (the authors')")
     head_init: Literal["random", "zero"] = Field(
         "random", description="the classifier's output layer at start: the model's random init, or zeros"
@@ -89,6 +93,8 @@ class LoraSettings(_Section):
     def _targets(self) -> LoraSettings:
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one module, e.g. ['query', 'value']")
+        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"lora.layers={list(self.layers)}: block indices must be distinct and >= 0, e.g. [3, 4, 5]")
         if self.head_init == "zero" and not self.train_head:
             raise ValueError(
                 "lora.head_init='zero' with train_head=false gives zero logits and zero gradients forever: "

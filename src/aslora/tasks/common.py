@@ -4,6 +4,7 @@ when it is not there."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -77,6 +78,7 @@ def with_lora(
     missing = [m for m in lora.head_modules if m not in present]
     if missing:
         raise ValueError(f"lora.head_modules names {missing}, which {type(base).__name__} does not have; {head_hint}")
+    _check_layers(base, lora)
     if lora.head_init == "zero":
         _zero_output_layer(base, lora.head_modules)
     if dropout is not None:
@@ -87,6 +89,7 @@ def with_lora(
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=list(lora.layers) or None,
         modules_to_save=list(lora.head_modules) or None,
     )
     try:
@@ -97,6 +100,24 @@ def with_lora(
             f"lora.target_modules={list(lora.target_modules)}: {exc} The linear layers of "
             f"{type(base).__name__} here are named {linear}{'; ' + target_hint if target_hint else ''}"
         ) from None
+
+
+def _check_layers(base: torch.nn.Module, lora: LoraSettings) -> None:
+    """lora.layers must name blocks the model has (PEFT's own error blames target_modules)."""
+    if not lora.layers:
+        return
+    blocks = sorted({
+        int(found.group(1)) for name, module in base.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules
+        and (found := re.search(r"\.(\d+)\.", name))
+    })
+    missing = sorted(set(lora.layers) - set(blocks))
+    if missing:
+        have = f"blocks {blocks[0]} to {blocks[-1]}" if blocks else "no numbered blocks"
+        raise ValueError(
+            f"lora.layers names blocks {missing}, which {type(base).__name__} does not have: its "
+            f"{list(lora.target_modules)} layers sit in {have}"
+        )
 
 
 def _set_dropout(base: torch.nn.Module, rate: float) -> None:
