@@ -267,10 +267,10 @@ def privacy(
     try:
         if epsilon is not None:
             value = calibrate_noise(epsilon, delta, sample_rate, steps, accountant)
-            console.print(f"noise multiplier sigma = {value:.4f} for epsilon = {epsilon} ({where})")
+            console.print(f"noise multiplier sigma = {value:.6g} for epsilon = {epsilon} ({where})")
         else:
             value = epsilon_for(sigma, delta, sample_rate, steps, accountant)
-            console.print(f"epsilon = {value:.4f} for noise multiplier sigma = {sigma} ({where})")
+            console.print(f"epsilon = {value:.6g} for noise multiplier sigma = {sigma} ({where})")
     except ValueError as exc:  # names the quantity (--epsilon, --sigma, --delta, --sample-rate, --steps)
         _fail(exc)
 

@@ -232,7 +232,10 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _target(self) -> PrivacyConfig:
         if self.enabled and self.epsilon is None and self.noise_multiplier is None:
-            raise ValueError("privacy needs either 'epsilon' (to calibrate sigma) or 'noise_multiplier'")
+            raise ValueError(
+                "privacy needs privacy.epsilon (a budget, to calibrate sigma) or privacy.noise_multiplier; "
+                "set one of them, or privacy.enabled = false"
+            )
         return self
 
 

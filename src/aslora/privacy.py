@@ -72,7 +72,10 @@ def spent_epsilon(accountant: IAccountant, delta: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_of_one_step(sigma: float, q: float) -> np.ndarray:
-    return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)))
+    try:
+        return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)))
+    except (ZeroDivisionError, OverflowError):  # a sigma so small (1e-300) that 1 / sigma^2 overflows
+        return np.full(len(RDP_ORDERS), np.inf)
 
 
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
@@ -83,6 +86,8 @@ def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> f
     computation at a fraction of the cost (it is otherwise O(order) per order).
     """
     rdp = sum(steps * _rdp_of_one_step(float(sigma), float(q)) for sigma, q, steps in history)
+    if not np.isfinite(rdp).any():
+        return math.inf
     epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(epsilon)
 
@@ -107,6 +112,9 @@ def calibrate_noise(
                     sample_rate=sample_rate,
                     steps=steps,
                     accountant=accountant,
+                    # Opacus bisects until |epsilon - target| < tolerance (0.01 by default): past
+                    # epsilon 1e14 a float's spacing exceeds that and the search never ends
+                    epsilon_tolerance=max(0.01, 1e-4 * epsilon),
                     **_epsilon_options(accountant),
                 )
             )
