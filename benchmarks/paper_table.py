@@ -147,7 +147,7 @@ def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variant
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t interval (0 for one value)."""
+    """Mean and the half-width of its 95 % Student-t interval (NaN for one value: no interval)."""
     mean = float(np.mean(values))
     if len(values) < 2:
         return mean, math.nan
@@ -159,16 +159,17 @@ def _fmt(mean: float, half: float) -> str:
 
 
 def block(task: str, eps: float, rows: list[dict], out: Path, suite: str) -> list[str]:
-    """One (task, epsilon): per-variant figures over the seeds every variant finished, then the pairs."""
+    """One (task, epsilon): per-variant figures over the seeds every variant finished, then the pairs
+    over the seeds each pair finished."""
     by_variant: dict[str, dict[int, dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r
     common = sorted(set.intersection(*(set(v) for v in by_variant.values())))
     lines = [f"## {task}, epsilon {eps:g}", ""]
     if not common:
-        return [*lines, "No seed finished by every variant yet.", ""]
+        lines += ["No seed finished by every variant yet.", ""]
     target = rows[0]["target"]
-    lines += [
+    lines += [] if not common else [
         (f"Seeds {common} (every variant). Final = accuracy after the last round, mean ± 95 % t-interval; "
         "best = the best accuracy over the evaluated rounds (the authors' metric: optimistic, it picks "
         f"the round on dev); rounds to {target}: per seed (- = never)."),
@@ -176,7 +177,7 @@ def block(task: str, eps: float, rows: list[dict], out: Path, suite: str) -> lis
         "| variant | final | best over rounds (optimistic) | rounds to target | epsilon spent | wall s / run |",
         "|---|---|---|---|---|---|",
     ]
-    for variant, runs in by_variant.items():
+    for variant, runs in by_variant.items() if common else ():
         chosen = [runs[s] for s in common]
         reached = ", ".join("-" if r["rounds_to_target"] is None else str(r["rounds_to_target"]) for r in chosen)
         lines.append(
@@ -185,20 +186,33 @@ def block(task: str, eps: float, rows: list[dict], out: Path, suite: str) -> lis
             f"{max(r['epsilon_spent'] for r in chosen):.3f} | {np.mean([r['wall_s'] for r in chosen]):.0f} |"
         )
     if "aslora" in by_variant:
-        lines += ["", "AS-LoRA minus each other variant, paired by seed (same partition, start and sampling):", "",
+        lines += ["", ("AS-LoRA minus each other variant, paired by seed (same partition, start and sampling), "
+                       "over the seeds both finished:"), "",
                   "| against | mean difference (final) | 95 % interval | AS-LoRA ahead on |", "|---|---|---|---|"]
         for variant, runs in by_variant.items():
-            if variant == "aslora":
+            shared = sorted(set(runs) & set(by_variant["aslora"]))
+            if variant == "aslora" or not shared:
                 continue
-            diffs = [by_variant["aslora"][s]["final"] - runs[s]["final"] for s in common]
+            diffs = [by_variant["aslora"][s]["final"] - runs[s]["final"] for s in shared]
             mean, half = interval(diffs)
-            low, high = (mean - half, mean + half) if not math.isnan(half) else (math.nan, math.nan)
+            spread = "- (one seed)" if math.isnan(half) else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
             wins = sum(d > 0 for d in diffs)
-            lines.append(f"| {variant} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | {wins} of {len(diffs)} seeds |")
+            lines.append(f"| {variant} | {mean:+.4f} | {spread} | {wins} of {len(diffs)} seeds ({shared}) |")
+    if not common:
+        return [*lines, ""]
     curves = {v: [dict(runs[s]["curve"]) for s in common] for v, runs in by_variant.items()}
     plot = plot_comparison({v: [{r: {"accuracy": a} for r, a in c.items()} for c in cs] for v, cs in curves.items()},
                            "accuracy", out / f"{suite}-{task}-eps{eps:g}.png")
     return [*lines, "", f"![{task} epsilon {eps:g}: accuracy per round]({plot.name})", ""]
+
+
+def _run_times(rows: list[dict]) -> str:
+    """The median run time and its 10-90 % range (several runs shared the machine: see each row)."""
+    if not rows:
+        return "no runs"
+    times = [r["wall_s"] for r in rows]
+    low, middle, high = np.percentile(times, [10, 50, 90])
+    return f"median run {middle:.0f} s, 10-90 % range {low:.0f}-{high:.0f} s"
 
 
 def table(suite: str) -> Path:
@@ -216,7 +230,7 @@ def table(suite: str) -> Path:
         f"# The paper's comparison, suite `{suite}`",
         "",
         (f"Configs: configs/paper/{SUITES[suite]}. Rows: {results_file(suite).name} ({len(rows)} runs, "
-        f"{sum(r['wall_s'] for r in rows) / 3600:.2f} h of recorded wall time). Machine of the last rebuild: "
+        f"{sum(r['wall_s'] for r in rows) / 3600:.2f} h of recorded wall time; {_run_times(rows)}). Machine of the last rebuild: "
         f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}."),
         (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."
         if stale else "Every row was run with the configs as they stand (regime fingerprints "

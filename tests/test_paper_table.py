@@ -33,14 +33,14 @@ def test_interval_is_students_t() -> None:
     assert half == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
 
 
-def test_block_pairs_aslora_with_each_baseline_over_common_seeds(tmp_path: Path) -> None:
+def test_block_pairs_aslora_with_each_baseline_over_the_seeds_both_finished(tmp_path: Path) -> None:
     rows = [_row("aslora", s, [0.5, 0.80 + 0.01 * s]) for s in range(3)]
     rows += [_row("ffa", s, [0.5, 0.78 + 0.01 * s]) for s in range(3)]
-    rows += [_row("rolora", s, [0.5, 0.79]) for s in range(2)]  # seed 2 missing: the block uses seeds 0, 1
+    rows += [_row("rolora", s, [0.5, 0.79]) for s in range(2)]  # seed 2 missing: the table uses seeds 0, 1
     text = "\n".join(paper_table.block("sst2", 3.0, rows, tmp_path, "test"))
     assert "Seeds [0, 1]" in text
-    assert "| ffa | +0.0200 | [+0.0200, +0.0200] | 2 of 2 seeds |" in text
-    assert "| rolora | +0.0150 |" in text
+    assert "| ffa | +0.0200 | [+0.0200, +0.0200] | 3 of 3 seeds ([0, 1, 2]) |" in text  # the pair has 3
+    assert "| rolora | +0.0150 | [-0.0485, +0.0785] | 2 of 2 seeds ([0, 1]) |" in text
     assert (tmp_path / "test-sst2-eps3.png").is_file()
 
 
