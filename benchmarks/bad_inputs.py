@@ -16,6 +16,7 @@ import json
 import math
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,13 +107,18 @@ def _with_row(rows: list[str], index: int, row: str) -> list[str]:
     return [*rows[:index], row, *rows[index + 1 :]]
 
 
+_TEMPLATE: list[Path] = []  # one finished run per process, copied for every case that damages one
+
+
 def _finished_run(folder: Path) -> Path:
-    """A finished 2-round synthetic run, to damage."""
-    runs = folder / "runs"
-    result = CliRunner().invoke(app, ["run", str(REPO / "configs" / "synthetic.toml"), "--rounds", "2",
-                                      "--output-dir", str(runs)])
-    assert result.exit_code == 0, result.output
-    return next(runs.iterdir())
+    """A copy of a finished 2-round synthetic run, to damage."""
+    if not _TEMPLATE:
+        runs = Path(tempfile.mkdtemp(prefix="aslora-bad-inputs-")) / "runs"
+        result = CliRunner().invoke(app, ["run", str(REPO / "configs" / "synthetic.toml"), "--rounds", "2",
+                                          "--output-dir", str(runs)])
+        assert result.exit_code == 0, result.output
+        _TEMPLATE.append(next(runs.iterdir()))
+    return Path(shutil.copytree(_TEMPLATE[0], folder / "runs" / _TEMPLATE[0].name))
 
 
 def _damaged(damage: Callable[[Path], None], *extra: str) -> Callable[[Path], list[str]]:
@@ -167,7 +173,7 @@ def corpus(data_dir: Path) -> list[BadInput]:
         ("block 9 of 6", "lora.layers", "layers = [9]", "lora"),
         ("score share 0", "score_clip_share", "score_clip_share = 0.0", "selection"),
         ("dropout 1.5", "model.dropout", "dropout = 1.5", "model"),
-        ("missing model", "model.name", 'name = "no/such-model-here"', "model"),
+        ("missing model", "model.name", 'name = "/no/such/model-folder"', "model"),
         ("string for a float", "optim.lr", 'lr = "0.1"', "optim"),
         ("float for an int", "federation.local_steps", "local_steps = 2.5", "federation"),
     ]
