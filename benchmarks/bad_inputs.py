@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import shutil
@@ -56,14 +55,6 @@ class Outcome:
             self.exit_code == 2 and "Traceback" not in self.message and len(lines) <= 3
             and self.case.subject.lower() in " ".join(self.message.split()).lower()
         )
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return json.dumps(value)
 
 
 def _config_with(folder: Path, data_dir: Path, line: str, section: str | None) -> Path:
@@ -234,20 +225,17 @@ def fuzzed(data_dir: Path, n: int, seed: int = 0) -> list[BadInput]:
     """`n` seeded mutations: one numeric or boolean key set to a value of the wrong type."""
     rng = random.Random(seed)
     keys = numeric_keys()
-    cases = []
-    for _ in range(n):
-        section, key = rng.choice(keys)
-        value = rng.choice(WRONG_VALUES)
-        if value in ("nan", "inf", "-inf") and isinstance(_default(section, key), bool):
-            value = '"yes"'
-        subject = f"{section}.{key}" if section else key
-        cases.append(BadInput(f"fuzz: {subject} = {value}", subject, _run_with(data_dir, f"{key} = {value}", section or None)))
-    return cases
+    return [mutation(data_dir, *rng.choice(keys), rng.choice(WRONG_VALUES)) for _ in range(n)]
 
 
-def _default(section: str, key: str) -> object:
-    raw = load_config(BASE).model_dump(mode="json")
-    return raw[section][key] if section else raw[key]
+def mutation(data_dir: Path, section: str, key: str, value: str) -> BadInput:
+    """The tests' config with `key` of `section` ('' = top level) set to the TOML text `value`;
+    a non-finite number is a valid float, so a boolean key gets a string instead."""
+    default = load_config(BASE).model_dump(mode="json")
+    if value in ("nan", "inf", "-inf") and isinstance(default[section][key] if section else default[key], bool):
+        value = '"yes"'
+    subject = f"{section}.{key}" if section else key
+    return BadInput(f"fuzz: {subject} = {value}", subject, _run_with(data_dir, f"{key} = {value}", section or None))
 
 
 def attempt(case: BadInput, folder: Path) -> Outcome:

@@ -65,11 +65,6 @@ def test_the_privacy_command_answers_or_refuses_in_one_line(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(NUMERIC), value=st.sampled_from(bad_inputs.WRONG_VALUES))
 def test_a_mutated_config_file_fails_before_training_naming_its_key(key: tuple[str, str], value: str, data_dir: Path) -> None:
-    section, name = key
-    if value in ("nan", "inf", "-inf") and isinstance(bad_inputs._default(section, name), bool):
-        value = '"yes"'
-    case = bad_inputs.BadInput("fuzz", f"{section}.{name}" if section else name,
-                               bad_inputs._run_with(data_dir, f"{name} = {value}", section or None))
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = bad_inputs.attempt(case, Path(tmp))
+        outcome = bad_inputs.attempt(bad_inputs.mutation(data_dir, *key, value), Path(tmp))
     assert outcome.clear, (key, value, outcome.exit_code, outcome.message)
