@@ -6,7 +6,8 @@ carved from the TRAINING data (data.validation_size), never on dev.
     python benchmarks/dp_regime_sweep.py table --results benchmarks/sweep/sst2.jsonl
 
 The grid file names each point of the sweep and its overrides of the base
-config (dotted keys, as `[points.NAME]` tables). `run` appends one JSON line
+config (dotted keys, as `[points.NAME]` tables; TOML has no null, so `unset = ["privacy.epsilon"]`
+sets keys to None). `run` appends one JSON line
 per finished point to the results file beside the grid (`<grid>.jsonl`) and
 skips (config, point) pairs already there, so it can be stopped and run again; `table`
 prints the points best first, with the settings that differ.
@@ -27,7 +28,7 @@ from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
 
-from aslora.config import dotted, load_config
+from aslora.config import ExperimentConfig, dotted, load_config, parse_config
 from aslora.experiment import run_experiment
 
 
@@ -47,6 +48,20 @@ def done(results: Path) -> set[tuple[str, str]]:
     return {(r["config"], r["point"]) for r in rows}
 
 
+def unset(config: ExperimentConfig, keys: list[str]) -> ExperimentConfig:
+    """`config` with the dotted `keys` set to None (validated again): a grid point's `unset`."""
+    raw = config.model_dump(mode="json")
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"unset: {key} is not a config key")
+        node[leaf] = None
+    return parse_config(raw)
+
+
 def run(
     config_path: Path, grid_path: Path, only: list[str], threads: int, validation: int, data_dir: str, out: Path
 ) -> None:
@@ -57,10 +72,12 @@ def run(
         if (str(config_path), name) in finished or (only and name not in only):
             continue
         base = load_config(config_path)
+        settings = {k: v for k, v in overrides.items() if k != "unset"}
         config = base.for_method(
             overrides.get("method", base.method),
-            {"data.validation_size": validation, "data.dir": data_dir, "output_dir": str(out / name)} | overrides,
+            {"data.validation_size": validation, "data.dir": data_dir, "output_dir": str(out / name)} | settings,
         )
+        config = unset(config, list(overrides.get("unset", [])))
         started = time.perf_counter()
         result = run_experiment(config)
         curve = [r.metrics["accuracy"] for r in result.records if r.metrics and "accuracy" in r.metrics]

@@ -126,7 +126,8 @@ def test_empty_texts_are_named_before_training(tmp_path: Path, data_dir: Path) -
     (folder / "train.tsv").write_text("\n".join([*lines, "\t1", *lines[1:5]]) + "\n")
     (folder / "dev.tsv").write_text("\n".join((data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[:20]) + "\n")
     code, output = _run(tmp_path, "--data-dir", str(tmp_path / "data"))
-    assert code == 2 and "train: 1 example(s) have an empty text in 'sentence' (first at data row 200)" in output
+    named = f"{folder / 'train.tsv'}: 1 example(s) have an empty text in 'sentence' (first at line 201)"
+    assert code == 2 and named in output
     assert not (tmp_path / "runs").exists()
 
 
@@ -241,7 +242,7 @@ def test_a_binary_config_a_negative_seed_a_float_label_and_a_header_only_tsv_get
     base = str(REPO / "tests" / "base.toml")
     cases = [
         (["run", base, "--data-dir", str(tmp_path / "floats"), "--output-dir", str(tmp_path / "runs")],
-         "1 example(s) have a label outside ['0', '1'] (first at data row 7: '0.5')"),
+         f"{floats / 'train.tsv'}: 1 example(s) have a label outside ['0', '1'] (first at line 8: '0.5')"),
         (["run", str(binary)], "binary.toml is not a text file"),
         (["run", base, "--seed", "-1"], "'seed': Input should be greater than or equal to 0"),
         (["run", base, "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs")], "train.tsv holds no examples"),

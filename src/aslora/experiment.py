@@ -300,9 +300,10 @@ def check_resumable(
         )
     if checkpoint is None or checkpoint.config is None:
         return  # nothing done yet, or a checkpoint older than this record: nothing to check against
-    changed = _differences(checkpoint.config, config.model_dump(mode="json"))
-    if extending:
-        changed = [c for c in changed if not c.startswith("federation.rounds ")]
+    current = config.model_dump(mode="json")
+    if extending:  # an extension changes the rounds and nothing else
+        current["federation"]["rounds"] = checkpoint.config["federation"]["rounds"]
+    changed = _differences(checkpoint.config, current)
     if changed:
         raise ConfigError(
             f"{run_dir.path / 'config.json'} no longer matches the settings the run's checkpoint was made with: "

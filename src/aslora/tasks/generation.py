@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from aslora.config import ExperimentConfig
 from aslora.pretrained import load_pretrained
-from aslora.tasks.common import data_root, with_lora
-from aslora.tasks.glue import GLUE, _load_hub, _load_local, _normalise
+from aslora.tasks.common import with_lora
+from aslora.tasks.glue import GLUE, load_splits
 
 RANDOM_LLAMA = "llama-tiny-random"
 SST2 = GLUE["sst2"]
@@ -126,14 +126,9 @@ class GenerationTask:
     @classmethod
     def load(cls, config: ExperimentConfig) -> GenerationTask:
         """SST-2 from the local GLUE files (else the hub) and the LM's tokenizer, checked before training."""
-        root = data_root(config)
-        if root is not None:
-            train, evals = _load_local(root / "glue" / SST2.folder, SST2)
-        else:
-            train, evals = _load_hub("sst2", SST2, f"DIR/glue/{SST2.folder}/")
         # Checked and normalised as GLUE's SST-2: texts present, labels 0 (negative) or 1 (positive).
-        train = _normalise(train, SST2, f"GLUE/{SST2.folder} train")
-        dev = _normalise(evals[""], SST2, f"GLUE/{SST2.folder} dev")
+        train, evals = load_splits(config, "sst2")
+        dev = evals[""]
         tokenizer = load_tokenizer(config.model.name)
         reference = REVIEW.format("a")
         cue = _continuation(tokenizer, reference, CUE)

@@ -93,15 +93,30 @@ def _read_subset(path: Path, spec: GlueSpec) -> datasets.Dataset:
     return datasets.Dataset.from_list([{names[k]: v for k, v in row.items() if k in names} for row in rows])
 
 
-def _load_local(folder: Path, spec: GlueSpec) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
-    """The training split and the evaluation splits from a local GLUE folder (see the module doc)."""
+@dataclass(frozen=True)
+class Source:
+    """Where a split came from, so that a bad row is named by its file and line."""
+
+    name: str  # the file's path, or the hub split
+    first_line: int | None = None  # the file line of data row 1 (TSV: 2, under the header); None: no lines
+
+    def at(self, row: int) -> str:
+        """Row `row` (0-based) as a place in the source."""
+        return f"line {row + self.first_line}" if self.first_line is not None else f"data row {row + 1}"
+
+
+Splits = tuple[datasets.Dataset, dict[str, datasets.Dataset], dict[str, Source]]
+
+
+def _load_local(folder: Path, spec: GlueSpec) -> Splits:
+    """The training split, the evaluation splits and their sources, from a local GLUE folder (see the module doc)."""
     subset = folder.parent / "train_subsets" / spec.folder
     train_file = folder / "train.tsv"
     if train_file.is_file():
-        train = _read_tsv(train_file, spec)
+        train, sources = _read_tsv(train_file, spec), {"train": Source(str(train_file), first_line=2)}
     elif (subset / "train.json").is_file():
         log.warning("GLUE/%s: no train.tsv; training on the subset in %s", spec.folder, subset)
-        train = _read_subset(subset / "train.json", spec)
+        train, sources = _read_subset(subset / "train.json", spec), {"train": Source(str(subset / "train.json"))}
     else:
         raise DataNotFoundError(
             f"missing {train_file}; put the GLUE TSV files (train.tsv, dev.tsv) there, "
@@ -110,18 +125,18 @@ def _load_local(folder: Path, spec: GlueSpec) -> tuple[datasets.Dataset, dict[st
     evals = {}
     for name, (_, file) in spec.evals.items():
         if (folder / file).is_file():
-            evals[name] = _read_tsv(folder / file, spec)
+            evals[name], sources[name] = _read_tsv(folder / file, spec), Source(str(folder / file), first_line=2)
         elif name == "" and (subset / "dev.json").is_file():
             log.warning("GLUE/%s: no %s; evaluating on %s, drawn from the TRAIN set", spec.folder, file, subset / "dev.json")
-            evals[name] = _read_subset(subset / "dev.json", spec)
+            evals[name], sources[name] = _read_subset(subset / "dev.json", spec), Source(str(subset / "dev.json"))
         elif name == "":
             raise DataNotFoundError(f"missing {folder / file}, GLUE/{spec.folder}'s dev set; put it there")
         else:
             log.warning("GLUE/%s: no %s; its '%s_' metrics are not reported", spec.folder, folder / file, name)
-    return train, evals
+    return train, evals, sources
 
 
-def _load_hub(hub_config: str, spec: GlueSpec, root_hint: str) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+def _load_hub(hub_config: str, spec: GlueSpec, root_hint: str) -> Splits:
     try:
         loaded = datasets.load_dataset(HUB_DATASET, hub_config)
     except Exception as exc:  # noqa: BLE001 - the hub raises many types when offline
@@ -130,10 +145,12 @@ def _load_hub(hub_config: str, spec: GlueSpec, root_hint: str) -> tuple[datasets
             f"copy is configured. Put the files at {root_hint} and pass --data-dir DIR "
             "(or set ASLORA_DATA_DIR=DIR), where DIR holds glue/<TASK>/train.tsv and dev.tsv"
         ) from None
-    return loaded["train"], {name: loaded[split] for name, (split, _) in spec.evals.items()}
+    evals = {name: loaded[split] for name, (split, _) in spec.evals.items()}
+    where = {name: Source(f"GLUE/{hub_config} {split} (hub)") for name, (split, _) in spec.evals.items()}
+    return loaded["train"], evals, {"train": Source(f"GLUE/{hub_config} train (hub)")} | where
 
 
-def _normalise(split: datasets.Dataset, spec: GlueSpec, where: str) -> datasets.Dataset:
+def _normalise(split: datasets.Dataset, spec: GlueSpec, source: Source) -> datasets.Dataset:
     """Hub column names, integer labels in the hub's order; unknown labels are named, not guessed."""
     if set(spec.tsv_texts) <= set(split.column_names) and spec.tsv_label in split.column_names:
         split = split.select_columns([*spec.tsv_texts, spec.tsv_label])
@@ -141,19 +158,33 @@ def _normalise(split: datasets.Dataset, spec: GlueSpec, where: str) -> datasets.
             {old: new for old, new in zip(spec.tsv_texts, spec.texts, strict=True) if old != new}
             | ({spec.tsv_label: "label"} if spec.tsv_label != "label" else {})
         )
-    _check_texts(split, spec.texts, where)
+    _check_texts(split, spec.texts, source)
     named = split.features["label"].dtype in ("string", "large_string")
     values = [str(v) for v in split["label"]]
     allowed = spec.labels if named else [str(i) for i in range(len(spec.labels))]
     unknown = [i for i, v in enumerate(values) if v not in allowed]
     if unknown:
         raise ValueError(
-            f"{where}: {len(unknown)} example(s) have a label outside {list(allowed)} (first at data "
-            f"row {unknown[0] + 1}: {values[unknown[0]]!r}); remove or fix them in the data files"
+            f"{source.name}: {len(unknown)} example(s) have a label outside {list(allowed)} (first at "
+            f"{source.at(unknown[0])}: {values[unknown[0]]!r}); remove or fix them"
         )
     if named:
         split = split.remove_columns("label").add_column("label", [spec.labels.index(v) for v in values])
     return split.select_columns([*spec.texts, "label"])
+
+
+def load_splits(config: ExperimentConfig, task: str) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """GLUE `task`'s training and evaluation splits, from the local files (else the hub), checked and
+    normalised: texts present, integer labels; a bad row is named by its file and line."""
+    spec = GLUE[task]
+    root = data_root(config)
+    if root is not None:
+        train, evals, sources = _load_local(root / "glue" / spec.folder, spec)
+    else:
+        train, evals, sources = _load_hub(task, spec, f"DIR/glue/{spec.folder}/")
+    return _normalise(train, spec, sources["train"]), {
+        name: _normalise(split, spec, sources[name]) for name, split in evals.items()
+    }
 
 
 def _carve_validation(
@@ -169,23 +200,23 @@ def _carve_validation(
     return split["train"], {"": split["test"]}
 
 
-def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], where: str) -> None:
+def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], source: Source) -> None:
     """Every example needs its texts and a label: say which rows lack one, before any training."""
     columns = [columns] if isinstance(columns, str) else list(columns)
     if not set(columns) <= set(split.column_names) or "label" not in split.column_names:
-        raise ValueError(f"{where} needs the columns {[*columns, 'label']}; it has {split.column_names}")
+        raise ValueError(f"{source.name} needs the columns {[*columns, 'label']}; it has {split.column_names}")
     for column in columns:
         empty = [i for i, text in enumerate(split[column]) if text is None or not str(text).strip()]
         if empty:
             raise ValueError(
-                f"{where}: {len(empty)} example(s) have an empty text in '{column}' (first at data row "
-                f"{empty[0] + 1}); remove or fix them in the data files"
+                f"{source.name}: {len(empty)} example(s) have an empty text in '{column}' (first at "
+                f"{source.at(empty[0])}); remove or fix them"
             )
     unlabelled = [i for i, label in enumerate(split["label"]) if label is None or not str(label).strip()]
     if unlabelled:
         raise ValueError(
-            f"{where}: {len(unlabelled)} example(s) have no label (first at data row {unlabelled[0] + 1}); "
-            "remove or fix them in the data files"
+            f"{source.name}: {len(unlabelled)} example(s) have no label (first at {source.at(unlabelled[0])}); "
+            "remove or fix them"
         )
 
 
@@ -209,13 +240,7 @@ class GlueTask:
     @classmethod
     def load(cls, config: ExperimentConfig) -> GlueTask:
         spec = GLUE[config.data.task]
-        root = data_root(config)
-        if root is not None:
-            train, evals = _load_local(root / "glue" / spec.folder, spec)
-        else:
-            train, evals = _load_hub(config.data.task, spec, f"DIR/glue/{spec.folder}/")
-        train = _normalise(train, spec, f"GLUE/{spec.folder} train")
-        evals = {name: _normalise(split, spec, f"GLUE/{spec.folder} {name or 'dev'}") for name, split in evals.items()}
+        train, evals = load_splits(config, config.data.task)
         if config.data.validation_size:
             train, evals = _carve_validation(train, config.data.validation_size, config.seed)
         if config.data.train_subset:
