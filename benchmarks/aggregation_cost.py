@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from aslora.config import SelectionConfig
-from aslora.methods import GlobalState, MethodContext, get_method
-from aslora.methods.base import ClientUpdate
+from aslora.methods import NAMES as METHODS
+from aslora.methods import MethodContext, get_method
+from aslora.protocol import ClientUpdate, GlobalState
 from aslora.server import payload_bytes
 
 # model -> (d = k of an attention projection, adapted matrices: 2 per block)
 SHAPES = {"roberta-base": (768, 24), "roberta-large": (1024, 48), "llama-7b": (4096, 64)}
-METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora")
 
 
 def _setup(method: str, dim: int, rank: int, clients: int) -> tuple:

@@ -41,10 +41,10 @@ def one_batch_size(batch: int, micro: int, steps: int, dtype: str, data_dir: str
     import torch
 
     from aslora.adapters import LoraView
-    from aslora.client import ClientJob, LocalSettings, train_client
+    from aslora.client import LocalSettings, train_client
     from aslora.config import load_config
-    from aslora.methods.base import GlobalState
     from aslora.privacy import DPSettings
+    from aslora.protocol import ClientJob, GlobalState
     from aslora.tasks import load_task
 
     config = load_config(REPO / "configs" / "paper" / "sst2.toml").with_overrides(

@@ -17,11 +17,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from aslora.client import ClientJob
 from aslora.config import load_config
 from aslora.experiment import prepare
-from aslora.methods import GlobalState
 from aslora.privacy import update_norm_bound
+from aslora.protocol import ClientJob, GlobalState
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = (("sgd", 0.05), ("sgd", 0.5), ("adam", 0.05))

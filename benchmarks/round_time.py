@@ -26,8 +26,9 @@ from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
 
-from aslora.config import METHODS, load_config
+from aslora.config import load_config
 from aslora.experiment import run_experiment
+from aslora.methods import NAMES as METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 

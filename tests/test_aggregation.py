@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from aslora.config import SelectionConfig
-from aslora.methods import GlobalState, MethodContext, get_method
-from aslora.methods.base import ClientUpdate, aggregation_error
+from aslora.methods import MethodContext, get_method
+from aslora.methods.base import aggregation_error
+from aslora.protocol import ClientUpdate, GlobalState
 
 LAYERS = {"l0": (12, 10), "l1": (6, 9)}  # name -> (d_out, d_in)
 RANK = 3

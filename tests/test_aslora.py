@@ -11,11 +11,11 @@ from conftest import metric_rows
 from safetensors.torch import load_file
 
 from aslora.adapters import FACTORS, LoraView
-from aslora.client import ClientJob, LocalSettings, train_client
+from aslora.client import LocalSettings, train_client
 from aslora.config import ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
-from aslora.methods import GlobalState
 from aslora.privacy import DPSettings
+from aslora.protocol import ClientJob, GlobalState
 from aslora.tasks import load_task
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aslora.config import METHODS, ConfigError, load_config, parse_config
+from aslora.config import ConfigError, load_config, parse_config
+from aslora.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import torch
 from aslora.config import load_config
 from aslora.diagnostics import realised_decrease
 from aslora.experiment import prepare, run_experiment
-from aslora.methods import GlobalState
 from aslora.partition import set_apart
+from aslora.protocol import GlobalState
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -82,7 +82,8 @@ def test_mnli_reports_matched_and_mismatched_accuracy(
 
 def test_an_unknown_label_is_named_with_its_row(tiny_config: ExperimentConfig, data_dir: Path, tmp_path: Path) -> None:
     _mnli_folder(data_dir, tmp_path / "data", bad_label=True)
-    with pytest.raises(ValueError, match=r"GLUE/MNLI dev: 1 example\(s\) have a label outside .*row 4: '-'"):
+    dev = tmp_path / "data" / "glue" / "MNLI" / "dev_matched.tsv"  # data row 4 is line 5, under the header
+    with pytest.raises(ValueError, match=rf"{dev}: 1 example\(s\) have a label outside .*line 5: '-'"):
         load_task(_glue(tiny_config, "mnli", **{"data.dir": str(tmp_path / "data")}))
 
 

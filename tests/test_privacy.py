@@ -218,10 +218,9 @@ def test_dp_sgd_without_noise_or_clipping_is_plain_sgd(task_and_view) -> None:
 def test_a_dp_round_stays_within_the_update_norm_bound(tmp_path: Path, optimizer: str) -> None:
     """Real DP-SGD rounds on the synthetic task move the trained tensors less than the bound
     derived from clip, noise, batch, learning rate and steps, and the bound is not vacuous."""
-    from aslora.client import ClientJob
     from aslora.experiment import prepare
-    from aslora.methods import GlobalState
     from aslora.privacy import update_norm_bound
+    from aslora.protocol import ClientJob, GlobalState
 
     config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
         {"output_dir": str(tmp_path), "optim.optimizer": optimizer, "optim.lr": 0.05, "federation.local_steps": 6}

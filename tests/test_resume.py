@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from aslora.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aslora.config import ExperimentConfig
 from aslora.experiment import run_experiment
-from aslora.methods import GlobalState
+from aslora.protocol import GlobalState
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:

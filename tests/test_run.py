@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 from aslora.adapters import LoraView
 from aslora.checkpoint import load_checkpoint
 from aslora.cli import app
-from aslora.client import ClientJob, LocalSettings, train_client
+from aslora.client import LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment, warn_if_long
-from aslora.methods import GlobalState
 from aslora.pretrained import resolve_model
 from aslora.privacy import RDP_ORDERS, DPSettings
+from aslora.protocol import ClientJob, GlobalState
 from aslora.tasks import load_task
 from aslora.tasks.pooling import pooled_classifier
 

@@ -13,13 +13,12 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from aslora.checkpoint import load_checkpoint
-from aslora.client import ClientJob
 from aslora.config import ConfigError, ExperimentConfig, load_config
 from aslora.engines.flower import decode_secure_update, encode_secure_update
 from aslora.engines.local import LocalEngine
 from aslora.engines.secagg import ladder_decode, ladder_encode
 from aslora.experiment import prepare, run_experiment
-from aslora.methods import GlobalState
+from aslora.protocol import ClientJob, GlobalState
 from aslora.server import RejectedAfterTraining
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from aslora.methods.base import (
-    ClientUpdate,
-    GlobalState,
-    aggregation_error,
-    average_trained_factors,
-)
+from aslora.methods.base import aggregation_error, average_trained_factors
+from aslora.protocol import ClientUpdate, GlobalState
 from aslora.selection import (
     DecisionSettings,
     LastStepTracker,

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aslora.methods.base import GlobalState
+from aslora.protocol import GlobalState
 
 MANIFEST = "checkpoint.json"
 

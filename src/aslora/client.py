@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from aslora.adapters import FACTORS, LoraView
+from aslora.adapters import Factors, LoraView
 from aslora.memory import return_freed_tensors_to_the_system
-from aslora.methods.base import ClientUpdate, GlobalState, Mask
+from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import (
     DPSettings,
     TrainingSession,
@@ -22,7 +21,7 @@ from aslora.privacy import (
     sample_rate,
     update_norm_bound,
 )
-from aslora.selection import LastStepTracker, MomentTracker
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
@@ -57,19 +56,6 @@ class LocalSettings:
             self.steps, self.lr, self.optimizer, self.dp.clip, self.dp.noise_multiplier,
             self.expected_batch(n_examples), n_examples, dims,
         )
-
-
-@dataclass(frozen=True)
-class ClientJob:
-    """One client's work for one round, as the server hands it out."""
-
-    client_id: int
-    round_index: int
-    seed: int
-    mask: Mask
-    statistics: str | None = None  # what to measure for the server (Method.statistics)
-    rank: int | None = None  # train only the first `rank` LoRA components (heterogeneous ranks)
-    fail: bool = False  # a simulated fault: the client drops out before training
 
 
 class ClientDropout(RuntimeError):
@@ -146,82 +132,72 @@ def train_client(
 ) -> ClientUpdate:
     """Run `settings.steps` DP-SGD steps from the global state; return what was trained.
 
-    With `job.statistics == "moments"`, every LoRA factor joins the
-    per-sample gradient (one joint clip, or with `settings.score_clip_share`
-    the inactive factors clipped to that share of C^2 and the rest to the
-    remainder), the privatised gradient of every factor feeds the moment
-    tracker, and only the masked factors are updated.
-    With "last_step", the trained factors' final privatised gradient is kept.
+    What joins the per-sample gradient, what is measured for the server and
+    how the clip budget is split follow the job's statistics kind
+    (methods/statistics.py).
     """
     if job.fail:
         raise ClientDropout(f"client {job.client_id} dropped out in round {job.round_index} (simulated)")
     return_freed_tensors_to_the_system()
     started = time.perf_counter()
-    view.set_factors(state.factors)
-    view.set_head(state.head)
-    view.set_residual(state.residual)
-    tracker, on_gradient, clip_groups = None, None, None
-    if job.statistics == "moments":
-        params = view.set_trainable(dict.fromkeys(view.layers, FACTORS), settings.train_head)
-        inactive = [(layer, f) for layer in view.layers for f in FACTORS if f not in job.mask.get(layer, ())]
-        frozen = [view.parameter(layer, f) for layer, f in inactive]
-        scales: dict[tuple[str, str], float] = {}
-        if settings.score_clip_share is not None:
-            share = settings.score_clip_share
-            trained = [p for p in params if all(p is not q for q in frozen)]
-            clip_groups = [(frozen, share), (trained, 1 - share)]
-            scales = dict.fromkeys(inactive, math.sqrt((1 - share) / share))
-        tracker = MomentTracker(
-            {(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS}, scales
-        )
-
-        def on_gradient() -> None:
-            tracker.observe()
-            for p in frozen:  # seen by the score, never applied: inactive factors stay put
-                p.grad = None
-    else:
-        params = view.set_trainable(job.mask, settings.train_head)
-        if job.statistics == "last_step":
-            tracker = LastStepTracker(
-                {(layer, f): view.parameter(layer, f) for layer, fs in job.mask.items() for f in fs}
-            )
-            on_gradient = tracker.observe
-    if job.rank is not None:
-        on_gradient = _restrict_rank(view, job.rank, on_gradient)
+    _load_state(view, state)
+    rule = statistics_kind(job.statistics).prepare(view, job.mask, settings.train_head, settings.score_clip_share)
+    on_gradient = rule.on_gradient if job.rank is None else _restrict_rank(view, job.rank, rule.on_gradient)
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
-    losses, seen = [], 0
     with private_training(
-        view.model, params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
-        accountant, generator, on_gradient, clip_groups,
+        view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
+        accountant, generator, on_gradient, rule.clip_groups,
     ) as session:
-        session.module.train()
-        batches = _batches(session.loader)
-        for _ in range(settings.steps):
-            batch = next(batches)
-            session.optimizer.zero_grad(set_to_none=True)
-            size = len(batch[-1])
-            if size == 0:
-                if settings.dp.enabled:
-                    mark_empty_batch(params)
-                    session.step()
-                continue
-            losses.append(_logical_step(session, batch, loss_fn, settings))
-            seen += size
-    trained = {
-        layer: {f: view.parameter(layer, f).detach().clone() for f in factors}
-        for layer, factors in job.mask.items()
-        if factors
-    }
+        losses, seen = _local_steps(session, rule.params, loss_fn, settings)
     return ClientUpdate(
         client_id=job.client_id,
         n_examples=len(data),
-        factors=trained,
+        factors=_trained_factors(view, job.mask),
         head=view.get_head() if settings.train_head else {},
         loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
         privacy_history=list(accountant.history),
-        stats=tracker.statistics(session.noise_variance) if tracker is not None else {},
+        stats=rule.statistics(session.noise_variance),
         train_time_s=time.perf_counter() - started,
     )
+
+
+def _load_state(view: LoraView, state: GlobalState) -> None:
+    """Put the global factors, head and folded residuals into the client's model."""
+    view.set_factors(state.factors)
+    view.set_head(state.head)
+    view.set_residual(state.residual)
+
+
+def _local_steps(
+    session: TrainingSession, params: list[torch.nn.Parameter], loss_fn: LossFn, settings: LocalSettings
+) -> tuple[list[float], int]:
+    """`settings.steps` DP-SGD steps on Poisson batches: each step's mean loss, and the examples seen.
+
+    An empty Poisson batch is still a step under DP (noise only, accounted)."""
+    session.module.train()
+    batches = _batches(session.loader)
+    losses, seen = [], 0
+    for _ in range(settings.steps):
+        batch = next(batches)
+        session.optimizer.zero_grad(set_to_none=True)
+        size = len(batch[-1])
+        if size == 0:
+            if settings.dp.enabled:
+                mark_empty_batch(params)
+                session.step()
+            continue
+        losses.append(_logical_step(session, batch, loss_fn, settings))
+        seen += size
+    return losses, seen
+
+
+def _trained_factors(view: LoraView, mask: Mask) -> Factors:
+    """Copies of the factors the round trained: what the client uploads."""
+    return {
+        layer: {f: view.parameter(layer, f).detach().clone() for f in factors}
+        for layer, factors in mask.items()
+        if factors
+    }

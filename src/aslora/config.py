@@ -10,24 +10,42 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
-
-METHODS = ("fedavg", "ffa", "rolora", "fedsa", "fedex", "flora", "fedsvd", "flexlora", "aslora", "oracle")
-GLUE_TASKS = ("sst2", "qnli", "qqp", "rte", "mnli")
-TASKS = (
-    *GLUE_TASKS,
-    "squad", "squad_v2",  # extractive QA
-    "cifar100", "tiny_imagenet",  # vision (ViT)
-    "sst2_generation",  # SST-2 as generation with a decoder LM
-    "synthetic",  # low-rank recovery
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
-# Methods whose server step is a weighted sum of what clients upload, so it can run
-# on a secure sum; the others need each client's update (SVD, stacking, residuals,
-# personal factors kept by the server).
-SECURE_METHODS = ("fedavg", "ffa", "rolora", "aslora")
-
 
 INVALID = "invalid configuration:\n  "
+
+
+def _registry() -> dict[str, Any]:
+    """The methods by name (aslora.methods.REGISTRY), imported on first use: the methods import
+    this module, and each declares its own config checks and properties there."""
+    from aslora.methods import REGISTRY
+
+    return REGISTRY
+
+
+def _tasks() -> dict[str, Any]:
+    """The tasks by name (aslora.tasks.REGISTRY), imported on first use, as `_registry`."""
+    from aslora.tasks import REGISTRY
+
+    return REGISTRY
+
+
+def _known(name: str, registry: dict[str, Any], what: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose among {', '.join(registry)}")
+    return name
+
+
+def _sentence_tasks() -> list[str]:
+    return [name for name, cls in _tasks().items() if cls.sentence_classifier]
 
 
 class ConfigError(ValueError):
@@ -104,7 +122,7 @@ class LoraSettings(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal[TASKS] = "sst2"  # type: ignore[valid-type]
+    task: str = "sst2"  # a name of aslora.tasks.REGISTRY
     dir: str | None = Field(None, description="local data root; else ASLORA_DATA_DIR, else the hub")
     num_clients: int = Field(10, ge=1)
     partition: Literal["iid", "dirichlet"] = "dirichlet"
@@ -123,6 +141,11 @@ class DataConfig(_Section):
     )
     doc_stride: int = Field(32, ge=1, description="QA: tokens shared by consecutive windows of a long context")
 
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        return _known(name, _tasks(), "task")
 
 class FederationConfig(_Section):
     rounds: int = Field(10, ge=1)
@@ -242,7 +265,7 @@ class PrivacyConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = Field(0, ge=0)
-    method: Literal[METHODS] = "fedavg"  # type: ignore[valid-type]
+    method: str = "fedavg"  # a name of aslora.methods.REGISTRY
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -256,13 +279,18 @@ class ExperimentConfig(_Section):
     # [per_method.<method>] tables over the sections above, applied by `for_method`.
     per_method: dict[str, dict[str, Any]] = {}
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        return _known(name, _registry(), "method")
+
     @model_validator(mode="after")
     def _per_method(self) -> ExperimentConfig:
         sections = [name for name, f in type(self).model_fields.items() if isinstance(f.annotation, type)
                     and issubclass(f.annotation, _Section)]
         for method, table in self.per_method.items():
-            if method not in METHODS:
-                raise ValueError(f"per_method.{method}: no such method; choose among {', '.join(METHODS)}")
+            if method not in _registry():
+                raise ValueError(f"per_method.{method}: no such method; choose among {', '.join(_registry())}")
             misplaced = sorted(set(table) - set(sections))
             if misplaced:
                 raise ValueError(
@@ -277,48 +305,41 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        fed, data = self.federation, self.data
+        fed, data, method = self.federation, self.data, _registry()[self.method]
         if data.task == "synthetic" and self.synthetic.target_rank + self.lora.r > self.synthetic.dim_in:
             raise ValueError(
                 "synthetic: lora.r + synthetic.target_rank must not exceed synthetic.dim_in "
                 "(targets outside the row space of A need room there)"
             )
-        if data.validation_size and data.task not in GLUE_TASKS:
+        sentence_classifier = _tasks()[data.task].sentence_classifier
+        if data.validation_size and not sentence_classifier:
             raise ValueError(
                 f"data.validation_size carves a validation split from a GLUE training set; task "
                 f"'{data.task}' has none: set it to 0"
             )
-        if self.model.dtype == "bfloat16" and data.task not in GLUE_TASKS:
+        if self.model.dtype == "bfloat16" and not sentence_classifier:
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} is offered for GLUE sentence classifiers; task "
                 f"'{data.task}' runs in float32: remove model.dtype"
             )
-        if self.model.pooling != "auto" and data.task not in GLUE_TASKS:
+        if self.model.pooling != "auto" and not sentence_classifier:
             raise ValueError(
                 f"model.pooling={self.model.pooling!r} chooses a sentence classifier's embedding; task "
-                f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {list(GLUE_TASKS)})"
+                f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {_sentence_tasks()})"
             )
         ranks = self.lora.client_ranks
         if ranks:
-            if self.method != "flora":
+            if not method.heterogeneous_ranks:
+                stacking = ", ".join(n for n, m in _registry().items() if m.heterogeneous_ranks)
                 raise ValueError(
-                    f"lora.client_ranks (heterogeneous ranks) need stacking: use method 'flora', not '{self.method}'"
+                    f"lora.client_ranks (heterogeneous ranks) need stacking: use {stacking}, not '{self.method}'"
                 )
             if len(ranks) != data.num_clients or not all(1 <= r <= self.lora.r for r in ranks):
                 raise ValueError(
                     f"lora.client_ranks needs one rank per client (data.num_clients={data.num_clients}), "
                     f"each between 1 and lora.r={self.lora.r}; got {list(ranks)}"
                 )
-        if self.method == "oracle" and data.probe_size == 0:
-            raise ValueError(
-                "method 'oracle' (the non-private lookahead oracle) keeps, per layer, the factor that lowers "
-                "the loss on the server's probe set: set data.probe_size, e.g. 512"
-            )
-        if self.method == "fedsa" and data.holdout_fraction == 0:
-            raise ValueError(
-                "method 'fedsa' evaluates each client's own model on its held-out split: "
-                "set data.holdout_fraction, e.g. 0.1"
-            )
+        method.check_config(self)
         if fed.dropout + fed.stragglers >= 1:
             raise ValueError("federation.dropout + federation.stragglers must stay below 1: someone must report")
         if fed.min_clients > fed.clients_per_round:
@@ -354,8 +375,8 @@ class ExperimentConfig(_Section):
         """The config a run of `method` uses: its per_method table over the shared settings, then
         `overrides` (the command line's, which win). The result has no per_method left, so it is
         resolved once: switching method again starts from the file's config."""
-        if method not in METHODS:
-            raise ConfigError(f"method '{method}' is unknown; choose among {', '.join(METHODS)}")
+        if method not in _registry():
+            raise ConfigError(f"method '{method}' is unknown; choose among {', '.join(_registry())}")
         table = dotted(self.per_method.get(method, {}))
         return self.with_overrides({**table, "method": method, "per_method": {}, **(overrides or {})})
 
@@ -374,11 +395,12 @@ def dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_secure(config: ExperimentConfig) -> None:
     """What SecAgg+ cannot do: non-linear aggregation, singling out late updates, one client."""
     fed = config.federation
-    if config.method not in SECURE_METHODS:
+    if not _registry()[config.method].linear_server:
+        linear = ", ".join(n for n, m in _registry().items() if m.linear_server)
         raise ValueError(
             f"federation.secure_aggregation: the server only sees the sum of the updates, but method "
             f"'{config.method}' needs each client's own (its aggregation is not a weighted sum); use "
-            f"{', '.join(SECURE_METHODS)}, or set secure_aggregation = false"
+            f"{linear}, or set secure_aggregation = false"
         )
     if fed.stragglers > 0:
         raise ValueError(

@@ -17,7 +17,8 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from aslora.methods.base import GlobalState, ProbeLoss
+from aslora.methods.base import ProbeLoss
+from aslora.protocol import GlobalState
 
 if TYPE_CHECKING:
     from aslora.server import RoundRecord

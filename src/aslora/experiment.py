@@ -22,7 +22,7 @@ from aslora.client import LocalSettings
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.diagnostics import mean_loss
 from aslora.engines.local import LocalEngine
-from aslora.methods import GlobalState, Method, MethodContext, get_method
+from aslora.methods import Method, MethodContext, get_method
 from aslora.partition import hold_out, partition, set_apart
 from aslora.privacy import (
     DPSettings,
@@ -32,6 +32,7 @@ from aslora.privacy import (
     restore_accountant,
     spent_epsilon,
 )
+from aslora.protocol import GlobalState
 from aslora.results import RunDirectory
 from aslora.server import Engine, Federation, RoundRecord, ServerSettings
 from aslora.tasks import Task, load_task
@@ -380,73 +381,119 @@ def _run_experiment(
     extend_to: int | None,
 ) -> RunResult:
     started = time.perf_counter()
-    checkpoint = load_checkpoint(resume) if resume is not None else None
-    if resume is not None:
-        check_resumable(RunDirectory(resume), checkpoint, config, extending=extend_to is not None)
-        if extend_to is not None:
-            config = extended(config, checkpoint, extend_to)
-    elif extend_to is not None:
-        raise ConfigError("extend_to continues a run: give the run directory to resume")
+    config, checkpoint = _checked_resume(config, resume, extend_to)
     setup = prepare(config)
     if checkpoint is not None:
         setup = setup.resumed(checkpoint, extending=extend_to is not None)
-    task, held_out, privacy, view, sizes = setup.task, setup.held_out, setup.privacy, setup.view, setup.sizes
+    privacy = setup.privacy
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
     method = setup.method()
-    state = GlobalState(
-        factors=view.get_factors(),
-        head=view.get_head(),
-        scaling={layer: view.scaling(layer) for layer in view.layers},
-    )
-    eval_sets = {"": task.encode(task.eval)}
-    eval_sets.update({f"{name}_": task.encode(split) for name, split in task.extra_evals.items()})
+    evaluator = Evaluator(setup, method)
+    federation = _federation(setup, method, engine(setup), evaluator)
+    run_dir = _run_directory(setup, resume, extend_to)
+    if checkpoint is not None:
+        federation.state = checkpoint.state
+        federation.restore(checkpoint.server)
+        initial = checkpoint.initial_metrics
+        log.info("resuming %s after round %d", run_dir.path, checkpoint.rounds_done)
+    else:
+        initial = evaluator.evaluate(federation.state)
+    first_round = checkpoint.rounds_done if checkpoint is not None else 0
+    earlier_s = checkpoint.wall_s if checkpoint is not None else 0.0  # the segments before a resume
 
-    def load(s: GlobalState) -> torch.nn.Module:
-        view.set_factors(s.factors)
-        view.set_head(s.head)
-        view.set_residual(s.residual)
+    def save(rounds_done: int) -> None:
+        save_checkpoint(
+            run_dir.path,
+            Checkpoint(rounds_done, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"),
+                       earlier_s + time.perf_counter() - started, privacy.record()),
+        )
+
+    records = run_dir.records(first_round)
+    stopped = _run_rounds(federation, config, first_round, records, run_dir, save, progress)
+    setup.view.set_factors(federation.state.factors)
+    setup.view.set_head(federation.state.head)
+    run_dir.export_adapter(setup.view, federation.state.residual)
+    wall_s = earlier_s + time.perf_counter() - started
+    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped)
+    run_dir.plot(records, config)
+    return RunResult(run_dir.path, summary, records)
+
+
+def _checked_resume(
+    config: ExperimentConfig, resume: Path | None, extend_to: int | None
+) -> tuple[ExperimentConfig, Checkpoint | None]:
+    """The config to run and the checkpoint to continue from, checked against each other."""
+    if resume is None:
+        if extend_to is not None:
+            raise ConfigError("extend_to continues a run: give the run directory to resume")
+        return config, None
+    checkpoint = load_checkpoint(resume)
+    check_resumable(RunDirectory(resume), checkpoint, config, extending=extend_to is not None)
+    return (extended(config, checkpoint, extend_to) if extend_to is not None else config), checkpoint
+
+
+class Evaluator:
+    """The run's evaluations of a global state: dev (and extra) splits, FedSA's personal models on
+    their held-out splits, and the probe loss of the selection diagnostics."""
+
+    def __init__(self, setup: Setup, method: Method) -> None:
+        self.setup, self.method, task = setup, method, setup.task
+        self.eval_sets = {"": task.encode(task.eval)}
+        self.eval_sets.update({f"{name}_": task.encode(split) for name, split in task.extra_evals.items()})
+        self.held_out_data: dict[int, TensorDataset] = {}
+        self.probe_data = task.encode_train(setup.probe) if setup.probe is not None else None
+
+    def _load(self, state: GlobalState) -> torch.nn.Module:
+        view = self.setup.view
+        view.set_factors(state.factors)
+        view.set_head(state.head)
+        view.set_residual(state.residual)
         return view.model
 
-    def evaluate_state(s: GlobalState, data: TensorDataset) -> dict[str, float]:
-        return task.evaluate(load(s), data, config.optim.eval_batch_size)
+    def _metrics(self, state: GlobalState, data: TensorDataset) -> dict[str, float]:
+        return self.setup.task.evaluate(self._load(state), data, self.setup.config.optim.eval_batch_size)
 
-    held_out_data: dict[int, TensorDataset] = {}
-    probe_data = task.encode_train(setup.probe) if setup.probe is not None else None
+    def probe_loss(self, state: GlobalState) -> float:
+        """The mean training loss of `state` on the probe set (selection diagnostics)."""
+        return mean_loss(self.setup.task.loss, self._load(state), self.probe_data, self.setup.config.optim.eval_batch_size)
 
-    def probe_loss(s: GlobalState) -> float:
-        """The mean training loss of `s` on the probe set (selection diagnostics)."""
-        return mean_loss(task.loss, load(s), probe_data, config.optim.eval_batch_size)
-
-    def evaluate(s: GlobalState) -> dict[str, float]:
+    def evaluate(self, state: GlobalState) -> dict[str, float]:
         """The global model on the dev split; personalised models (FedSA) on their held-out splits."""
         metrics = {
             prefix + name: value
-            for prefix, data in eval_sets.items()
-            for name, value in evaluate_state(s, data).items()
+            for prefix, data in self.eval_sets.items()
+            for name, value in self._metrics(state, data).items()
         }
-        personal = method.personal_states(s)
+        personal, held_out = self.method.personal_states(state), self.setup.held_out
         if personal and held_out:
             split_sizes, values = [], []
             for client, own in sorted(personal.items()):
-                data = held_out_data.setdefault(client, task.encode(held_out[client]))
+                data = self.held_out_data.setdefault(client, self.setup.task.encode(held_out[client]))
                 split_sizes.append(len(data))
-                values.append(evaluate_state(own, data))
+                values.append(self._metrics(own, data))
             for name in values[0]:
                 metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=split_sizes))
         return metrics
 
-    fed = config.federation
-    runner = engine(setup)
+
+def _federation(setup: Setup, method: Method, runner: Engine, evaluator: Evaluator) -> Federation:
+    """The server of this run, at the initial global state, over `runner`."""
+    config, view, fed = setup.config, setup.view, setup.config.federation
     if fed.secure_aggregation and not runner.secure_aggregation:
         raise ConfigError(
             "federation.secure_aggregation runs Flower's SecAgg+ between client processes: use "
             "`aslora run --engine flower` or `flwr run .`, or set secure_aggregation = false"
         )
-    federation = Federation(
+    state = GlobalState(
+        factors=view.get_factors(),
+        head=view.get_head(),
+        scaling={layer: view.scaling(layer) for layer in view.layers},
+    )
+    return Federation(
         method=method,
         engine=runner,
         state=state,
-        client_sizes=sizes,
+        client_sizes=setup.sizes,
         settings=ServerSettings(
             rounds=fed.rounds,
             clients_per_round=fed.clients_per_round,
@@ -454,36 +501,44 @@ def _run_experiment(
             seed=config.seed,
             local=setup.local,
             delta=config.privacy.delta,
-            epsilon_budget=privacy.budget,
+            epsilon_budget=setup.privacy.budget,
             dropout=fed.dropout,
             stragglers=fed.stragglers,
             min_clients=fed.min_clients,
             secure_aggregation=fed.secure_aggregation,
         ),
-        evaluate=evaluate,
+        evaluate=evaluator.evaluate,
         train_head=config.lora.train_head,
-        probe=probe_loss if probe_data is not None else None,
+        probe=evaluator.probe_loss if evaluator.probe_data is not None else None,
     )
+
+
+def _run_directory(setup: Setup, resume: Path | None, extend_to: int | None) -> RunDirectory:
+    """A new run directory, or the resumed one cleared of a killed save's debris; the resolved config
+    and privacy plan are written where they are new (a new run, an extension)."""
     if resume is not None:
         run_dir = RunDirectory(resume)
         remove_debris(run_dir.path)
-        if extend_to is not None:
-            run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
     else:
-        run_dir = RunDirectory.create(config)
-        run_dir.write_config(config, privacy.__dict__ | {"client_sizes": sizes})
-    if checkpoint is not None:
-        federation.state = checkpoint.state
-        federation.restore(checkpoint.server)
-        initial = checkpoint.initial_metrics
-        log.info("resuming %s after round %d", run_dir.path, checkpoint.rounds_done)
-    else:
-        initial = evaluate(state)
-    first_round = checkpoint.rounds_done if checkpoint is not None else 0
-    earlier_s = checkpoint.wall_s if checkpoint is not None else 0.0  # the segments before a resume
-    records: list[RoundRecord] = run_dir.records(first_round)
+        run_dir = RunDirectory.create(setup.config)
+    if resume is None or extend_to is not None:
+        run_dir.write_config(setup.config, setup.privacy.__dict__ | {"client_sizes": setup.sizes})
+    return run_dir
+
+
+def _run_rounds(
+    federation: Federation,
+    config: ExperimentConfig,
+    first_round: int,
+    records: list[RoundRecord],
+    run_dir: RunDirectory,
+    save: Callable[[int], None],
+    progress: Progress | None,
+) -> str | None:
+    """Rounds `first_round`.. of the run, each recorded and checkpointed; why it stopped early, if it did."""
+    fed = config.federation
     label = f"{config.method} seed {config.seed}"
-    rounds_task = progress.add_task(f"{label}: rounds", total=fed.rounds) if progress else None
+    rounds_task = progress.add_task(f"{label}: rounds", total=fed.rounds, completed=first_round) if progress else None
     clients_task = progress.add_task(f"{label}: clients", total=fed.clients_per_round) if progress else None
 
     def client_done(_: int) -> None:
@@ -491,8 +546,6 @@ def _run_experiment(
             progress.advance(clients_task)
 
     stopped = None
-    if progress is not None:
-        progress.advance(rounds_task, first_round)
     for r in range(first_round, fed.rounds):
         if progress is not None:
             progress.reset(clients_task)
@@ -505,21 +558,10 @@ def _run_experiment(
             break
         records.append(record)
         run_dir.append_record(record)
-        save_checkpoint(
-            run_dir.path,
-            Checkpoint(r + 1, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"),
-                       earlier_s + time.perf_counter() - started, privacy.record()),
-        )
+        save(r + 1)
         if progress is not None:
             progress.advance(rounds_task)
     if progress is not None:
         progress.remove_task(rounds_task)
         progress.remove_task(clients_task)
-
-    view.set_factors(federation.state.factors)
-    view.set_head(federation.state.head)
-    run_dir.export_adapter(view, federation.state.residual)
-    wall_s = earlier_s + time.perf_counter() - started
-    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped)
-    run_dir.plot(records, config)
-    return RunResult(run_dir.path, summary, records)
+    return stopped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from aslora import diagnostics
 from aslora.adapters import LoraView
 from aslora.config import ExperimentConfig
+from aslora.methods import method_class
 from aslora.report import plot_calibration, plot_mask, plot_run
 from aslora.server import RoundRecord
 
@@ -112,13 +113,21 @@ class RunDirectory:
         return summary
 
     def plot(self, records: list[RoundRecord], config: ExperimentConfig) -> list[Path]:
+        """metrics.png, then the figures the method declares (Method.plots) that its records can fill."""
         title = f"{config.name}: {config.method}"
         paths = [plot_run(records, self.path / "metrics.png", title=title)]
-        if records:
-            paths.append(plot_mask(records, self.path / "mask.png", title=title))
-        if any(r.diagnostics for r in records):
-            paths.append(plot_calibration(records, self.path / "calibration.png", title=title))
+        for name in method_class(config.method).plots:
+            plot, has_data = PLOTS[name]
+            if any(has_data(r) for r in records):
+                paths.append(plot(records, self.path / f"{name}.png", title))
         return paths
+
+
+# A method's figures by name (Method.plots): the plot, and whether a round has data for it.
+PLOTS: dict[str, tuple[Callable[[Sequence[RoundRecord], Path, str], Path], Callable[[RoundRecord], bool]]] = {
+    "mask": (plot_mask, lambda record: bool(record.mask)),
+    "calibration": (plot_calibration, lambda record: bool(record.diagnostics)),
+}
 
 
 def _mean(values: list[float], empty: float | None = 0.0) -> float | None:

@@ -18,18 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from aslora.adapters import FACTORS
-from aslora.client import ClientJob, LocalSettings
+from aslora.client import LocalSettings
 from aslora.diagnostics import ProbeLoss, realised_decrease
-from aslora.methods.base import (
-    ClientUpdate,
-    GlobalState,
-    Mask,
-    Method,
-    aggregation_error,
-    weighted_mean,
-)
+from aslora.methods.base import Method, aggregation_error, weighted_mean
+from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import restore_accountant, spent_epsilon
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +162,9 @@ def layout_problem(
         return "its head parameters do not match the model's"
     if update.n_examples <= 0:
         return "it reports no training examples"
-    if statistics is not None:
-        expected = (
-            {key: set(FACTORS) for key in state.factors}
-            if statistics == "moments"
-            else {layer: set(fs) for layer, fs in mask.items() if fs}
-        )
-        if {layer: set(fs) for layer, fs in update.stats.items()} != expected:
-            return "its score statistics do not cover the expected layers and factors"
+    expected = statistics_kind(statistics).covers(list(state.factors), mask)
+    if {layer: set(fs) for layer, fs in update.stats.items()} != expected:
+        return "its score statistics do not cover the expected layers and factors"
     reference = state.tensors()
     for name, tensor in update.tensors().items():
         if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
@@ -312,17 +301,12 @@ class Federation:
         started = time.perf_counter()
         clients = self.sample(round_index, eligible)
         faults = self.faults(round_index, clients)
-        masks = self.method.trials(round_index, self.state) or [self.method.plan(round_index, self.state)]
-        if len(masks) > 1 and self.probe is None:
-            raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
+        masks = self._masks(round_index)
         downloads = [self._download(c) for c in clients]
         sent_version = dict(self._version)
         planning_s = time.perf_counter() - started
         trials = [self._trial(round_index, clients, mask, faults, done) for mask in masks]
-        # Synchronised are only the clients that answered: one that failed or was lost may never
-        # have received the download, so the next one carries everything it lacks.
-        for c in set.intersection(*(t.answered for t in trials)):
-            self._seen[c] = dict(sent_version)
+        self._mark_synchronised(trials, sent_version)
         received = time.perf_counter()
         first = trials[0]
         clients_s = sum(t.clients_s for t in trials)
@@ -334,26 +318,53 @@ class Federation:
             )
             times = RoundTimes(0.0, planning_s + checks_s + time.perf_counter() - received, clients_s)
             return self._record(round_index, clients, first.rejected, first.mask, [], times, None, downloads)
-        if len(trials) == 1:
-            new_state, mask = first.state, first.mask
-        else:  # a lookahead oracle keeps, layer by layer, the trial the probe set prefers
-            new_state, mask = self.method.choose(self.state, [(t.mask, t.state) for t in trials], self.probe)
+        new_state, mask = self._outcome(trials)
         aggregated = time.perf_counter()
-        # Under secure aggregation every accepted update carries the same sum: the ideal
-        # sum_i p_i B_i A_i is unknown to the server, so the error is not measured; nor for an
-        # oracle's per-layer mix of trials, each averaged exactly, which has no single ideal.
-        measurable = len(trials) == 1 and not self.settings.secure_aggregation
-        errors = aggregation_error(self.state, first.accepted, first.weights, new_state) if measurable else None
+        errors = self._aggregation_error(trials, new_state)
         times = RoundTimes(sum(t.aggregation_s for t in trials), planning_s + checks_s + aggregated - received, clients_s)
-        diagnostics = {}
-        if self.probe is not None:  # self.state is still the round's start: its scores chose this round's mask
-            predicted = self.method.describe(self.state).get("scores", {})
-            diagnostics = realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
+        diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
         self.state = new_state
         record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, downloads)
         record.diagnostics = diagnostics
         return record
+
+    def _masks(self, round_index: int) -> list[Mask]:
+        """What the round trains: the method's one mask, or a lookahead oracle's trials."""
+        masks = self.method.trials(round_index, self.state) or [self.method.plan(round_index, self.state)]
+        if len(masks) > 1 and self.probe is None:
+            raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
+        return masks
+
+    def _mark_synchronised(self, trials: Sequence[Trial], sent_version: dict[str, int]) -> None:
+        """Synchronised are only the clients that answered: one that failed or was lost may never
+        have received the download, so the next one carries everything it lacks."""
+        for c in set.intersection(*(t.answered for t in trials)):
+            self._seen[c] = dict(sent_version)
+
+    def _outcome(self, trials: Sequence[Trial]) -> tuple[GlobalState, Mask]:
+        """The next state and the mask it amounts to; a lookahead oracle keeps, layer by layer, the
+        trial the probe set prefers."""
+        if len(trials) == 1:
+            return trials[0].state, trials[0].mask
+        return self.method.choose(self.state, [(t.mask, t.state) for t in trials], self.probe)
+
+    def _aggregation_error(self, trials: Sequence[Trial], new_state: GlobalState) -> dict[str, float] | None:
+        """Per layer, how far the new state is from the ideal mean of the clients' products.
+
+        Under secure aggregation every accepted update carries the same sum: the ideal
+        sum_i p_i B_i A_i is unknown to the server, so the error is not measured; nor for an
+        oracle's per-layer mix of trials, each averaged exactly, which has no single ideal."""
+        if len(trials) > 1 or self.settings.secure_aggregation:
+            return None
+        return aggregation_error(self.state, trials[0].accepted, trials[0].weights, new_state)
+
+    def _diagnostics(self, new_state: GlobalState) -> dict[str, Any]:
+        """The scores that chose this round's mask beside the realised decrease on the probe set."""
+        if self.probe is None:
+            return {}
+        predicted = self.method.describe(self.state).get("scores", {})  # self.state is still the round's start
+        return realised_decrease(self.probe, self.state, new_state) | {"predicted": predicted}
 
     def _trial(
         self, round_index: int, clients: list[int], mask: Mask, faults: tuple[set[int], set[int]],

@@ -33,11 +33,10 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from aslora.client import ClientJob
 from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
-from aslora.methods.base import ClientUpdate, GlobalState
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState
 from aslora.server import (
     NoAnswer,
     RejectedAfterTraining,

@@ -9,8 +9,8 @@ import datasets
 from torch.utils.data import TensorDataset
 
 from aslora.adapters import LoraView
-from aslora.client import ClientJob, LocalSettings, LossFn, train_client
-from aslora.methods.base import ClientUpdate, GlobalState
+from aslora.client import LocalSettings, LossFn, train_client
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState
 
 log = logging.getLogger(__name__)
 

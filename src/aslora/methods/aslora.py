@@ -14,10 +14,11 @@ rule minus that term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from aslora.config import SCORED
-from aslora.methods.base import AveragingMethod, ClientUpdate, GlobalState, Mask, MethodContext
+from aslora.methods.base import AveragingMethod, MethodContext
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 from aslora.selection import (
     DecisionSettings,
     ScoreSettings,
@@ -33,6 +34,20 @@ from aslora.selection import (
 
 class ASLoRA(AveragingMethod):
     name = "aslora"
+    needs_context = True
+    linear_server = True
+    plots = ("mask", "calibration")
+    # The ablations of ALGORITHM.md: one choice of the selection switched.
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
+        "aslora first_order": {"method": "aslora", "selection.score": "first_order"},
+        "aslora random": {"method": "aslora", "selection.score": "random"},
+        # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
+        "aslora official": {
+            "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
+            "selection.groups": ["block"],
+        },
+    }
 
     def __init__(self, context: MethodContext) -> None:
         self.context = context

@@ -9,75 +9,19 @@ testable without a model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from aslora.adapters import Factors
-from aslora.config import SelectionConfig
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 
-Mask = dict[str, tuple[str, ...]]  # layer -> the factors it trains this round
-
-
-@dataclass(frozen=True)
-class GlobalState:
-    """The server's model: factors per layer, head, LoRA scalings, method memory."""
-
-    factors: Factors
-    head: dict[str, torch.Tensor]
-    scaling: dict[str, float]
-    memory: dict[str, Any] = field(default_factory=dict)
-    # Dense updates folded into the frozen weights (FedEx-LoRA, FLoRA): W = W0 + residual.
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def from_tensors(cls, flat: Mapping[str, torch.Tensor]) -> GlobalState:
-        """The inverse of `tensors()` (scaling and memory stay with the server)."""
-        factors: Factors = {}
-        head, residual = {}, {}
-        for name, tensor in flat.items():
-            if name.startswith("head."):
-                head[name.removeprefix("head.")] = tensor
-            elif name.endswith(".residual"):
-                residual[name.removesuffix(".residual")] = tensor
-            else:
-                layer, factor = name.rsplit(".lora_", 1)
-                factors.setdefault(layer, {})[factor] = tensor
-        return cls(factors=factors, head=head, scaling={}, residual=residual)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything a client must hold, by name: factors, head, residuals."""
-        flat = {f"{layer}.lora_{f}": t for layer, fs in self.factors.items() for f, t in fs.items()}
-        flat.update({f"head.{name}": t for name, t in self.head.items()})
-        flat.update({f"{layer}.residual": t for layer, t in self.residual.items()})
-        return flat
-
-    def evolve(self, **changes: Any) -> GlobalState:
-        return replace(self, **changes)
-
+if TYPE_CHECKING:  # the config validates method names from the registry, so it imports the methods
+    from aslora.config import ExperimentConfig, SelectionConfig
 
 ProbeLoss = Callable[[GlobalState], float]  # a state's mean loss on the server's probe set (data.probe_size)
-
-
-@dataclass
-class ClientUpdate:
-    """What one client returns after a round: only what it trained."""
-
-    client_id: int
-    n_examples: int
-    factors: Factors
-    head: dict[str, torch.Tensor]
-    loss: float
-    examples_seen: int
-    privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
-    stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    train_time_s: float = 0.0  # the client's wall time for the round, as it measured it
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The trained factors and head, named as in `GlobalState.tensors()`."""
-        return GlobalState(factors=self.factors, head=self.head, scaling={}).tensors()
 
 
 @dataclass(frozen=True)
@@ -94,12 +38,24 @@ class MethodContext:
 
 
 class Method(ABC):
-    """One federated LoRA method: a client rule and a server rule."""
+    """One federated LoRA method: a client rule and a server rule, and what the rest of the
+    software must know about it (the class attributes below; methods/__init__.py registers it)."""
 
     name: str
-    # What clients measure for the server: None; "moments" (all factors jointly
-    # clipped, G, Q, T uploaded); "last_step" (the official rule's score).
+    # What clients measure for the server, a kind of methods/statistics.py: None; "moments" (every
+    # factor in the DP-SGD step, G, Q, T uploaded); "last_step" (the official rule's score).
     statistics: str | None = None
+    needs_context: bool = False  # built with the run's MethodContext (selection, step size, noise)
+    linear_server: bool = False  # the server step is a weighted sum of the uploads: SecAgg+ can run it
+    heterogeneous_ranks: bool = False  # clients may train below the model's rank (lora.client_ranks)
+    oracle: bool = False  # a non-private upper bound: never a baseline of a comparison
+    plots: tuple[str, ...] = ("mask",)  # a run's figures beside metrics.png (results.PLOTS)
+    # Named variants, as config overrides ("aslora random": {"method": "aslora", ...}).
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        """Refuse, with a ValueError that names the key and the fix, settings this method cannot run."""
 
     @abstractmethod
     def plan(self, round_index: int, state: GlobalState) -> Mask:

@@ -6,11 +6,13 @@ aggregation error measures.
 
 from __future__ import annotations
 
-from aslora.methods.base import AveragingMethod, GlobalState, Mask
+from aslora.methods.base import AveragingMethod
+from aslora.protocol import GlobalState, Mask
 
 
 class FedAvg(AveragingMethod):
     name = "fedavg"
+    linear_server = True
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         return {layer: ("A", "B") for layer in state.factors}

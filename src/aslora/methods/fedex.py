@@ -10,14 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import (
-    AveragingMethod,
-    ClientUpdate,
-    GlobalState,
-    Mask,
-    client_factors,
-    mean_product,
-)
+from aslora.methods.base import AveragingMethod, client_factors, mean_product
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 
 
 class FedEx(AveragingMethod):

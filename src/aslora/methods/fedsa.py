@@ -10,16 +10,28 @@ FedSA server could not form without extra uploads.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, weighted_mean
+from aslora.methods.base import Method, weighted_mean
+from aslora.protocol import ClientUpdate, GlobalState, Mask
+
+if TYPE_CHECKING:
+    from aslora.config import ExperimentConfig
 
 
 class FedSA(Method):
     name = "fedsa"
     shares_head = False
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        if config.data.holdout_fraction == 0:
+            raise ValueError(
+                "method 'fedsa' evaluates each client's own model on its held-out split: "
+                "set data.holdout_fraction, e.g. 0.1"
+            )
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         return {layer: ("A", "B") for layer in state.factors}

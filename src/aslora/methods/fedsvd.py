@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, weighted_mean
+from aslora.methods.base import Method, weighted_mean
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 
 
 class FedSVD(Method):

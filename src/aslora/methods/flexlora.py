@@ -12,14 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import (
-    ClientUpdate,
-    GlobalState,
-    Mask,
-    Method,
-    client_factors,
-    mean_product,
-)
+from aslora.methods.base import Method, client_factors, mean_product
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 
 
 class FlexLoRA(Method):

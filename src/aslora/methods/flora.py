@@ -14,11 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-from aslora.methods.base import ClientUpdate, GlobalState, Mask, Method, MethodContext
+from aslora.methods.base import Method, MethodContext
+from aslora.protocol import ClientUpdate, GlobalState, Mask
 
 
 class FLoRA(Method):
     name = "flora"
+    needs_context = True
+    heterogeneous_ranks = True
 
     def __init__(self, context: MethodContext) -> None:
         self.seed = context.seed

@@ -11,13 +11,26 @@ multiplier (privacy.noise_multiplier, no epsilon budget) to compare decisions at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aslora.methods.base import AveragingMethod, GlobalState, Mask, ProbeLoss
+from aslora.methods.base import AveragingMethod, ProbeLoss
+from aslora.protocol import GlobalState, Mask
+
+if TYPE_CHECKING:
+    from aslora.config import ExperimentConfig
 
 
 class LookaheadOracle(AveragingMethod):
     name = "oracle"
+    oracle = True
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        if config.data.probe_size == 0:
+            raise ValueError(
+                "method 'oracle' (the non-private lookahead oracle) keeps, per layer, the factor that lowers "
+                "the loss on the server's probe set: set data.probe_size, e.g. 512"
+            )
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         return {layer: ("B",) for layer in state.factors}  # unused: `trials` replaces it

@@ -1,30 +1,28 @@
-"""Tasks: data loading, model and head, loss and metric, one file per family."""
+"""Tasks: data loading, model and head, loss and metric, one file per family.
+
+Each task class declares the names it answers to (`names`) and whether it is
+a sentence classifier (`sentence_classifier`); `REGISTRY` is what the config
+and the commands read.
+"""
 
 from __future__ import annotations
 
 from aslora.config import ExperimentConfig
 from aslora.tasks.common import DataNotFoundError, Task
 from aslora.tasks.generation import GenerationTask
-from aslora.tasks.glue import GLUE, GlueTask
+from aslora.tasks.glue import GlueTask
 from aslora.tasks.squad import SquadTask
 from aslora.tasks.synthetic import SyntheticTask
-from aslora.tasks.vision import VISION_TASKS, VisionTask
+from aslora.tasks.vision import VisionTask
+
+REGISTRY: dict[str, type] = {
+    name: cls for cls in (GlueTask, SquadTask, VisionTask, GenerationTask, SyntheticTask) for name in cls.names
+}
 
 
 def load_task(config: ExperimentConfig) -> Task:
     """The task named by `config.data.task`, its data loaded."""
-    name = config.data.task
-    if name == "synthetic":
-        return SyntheticTask.load(config)
-    if name in GLUE:
-        return GlueTask.load(config)
-    if name in ("squad", "squad_v2"):
-        return SquadTask.load(config)
-    if name in VISION_TASKS:
-        return VisionTask.load(config)
-    if name == "sst2_generation":
-        return GenerationTask.load(config)
-    raise ValueError(f"unknown data.task={name!r}")
+    return REGISTRY[config.data.task].load(config)
 
 
-__all__ = ["DataNotFoundError", "GlueTask", "SyntheticTask", "Task", "load_task"]
+__all__ = ["REGISTRY", "DataNotFoundError", "GlueTask", "SyntheticTask", "Task", "load_task"]

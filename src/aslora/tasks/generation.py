@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import datasets
 import torch
@@ -110,6 +111,8 @@ def answer_log_likelihood(
 
 @dataclass
 class GenerationTask:
+    names: ClassVar[tuple[str, ...]] = ("sst2_generation",)  # SST-2 as generation with a decoder LM
+    sentence_classifier: ClassVar[bool] = False
     """SST-2 prompts for a causal LM, answered by a verbaliser and EOS."""
 
     train: datasets.Dataset

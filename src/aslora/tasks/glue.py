@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import torch
@@ -223,6 +224,9 @@ def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], source: 
 @dataclass
 class GlueTask:
     """One GLUE classification task with its tokenizer and splits."""
+
+    names: ClassVar[tuple[str, ...]] = tuple(GLUE)
+    sentence_classifier: ClassVar[bool] = True  # a pooled embedding read by a head (model.pooling, dtype)
 
     name: str
     texts: tuple[str, ...]  # one column, or a sentence pair

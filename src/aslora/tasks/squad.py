@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -234,6 +235,8 @@ def _best_spans(
 
 @dataclass
 class SquadTask:
+    names: ClassVar[tuple[str, ...]] = ("squad", "squad_v2")  # extractive QA
+    sentence_classifier: ClassVar[bool] = False
     """SQuAD v1.1 or v2.0 with its tokenizer and splits."""
 
     name: str

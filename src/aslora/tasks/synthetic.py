@@ -13,6 +13,7 @@ clients non-IID input covariances. The metric is the relative error
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -37,6 +38,8 @@ class IndependentLinears(torch.nn.Module):
 
 @dataclass
 class SyntheticTask:
+    names: ClassVar[tuple[str, ...]] = ("synthetic",)  # low-rank recovery
+    sentence_classifier: ClassVar[bool] = False
     """Data, model and metric of the low-rank recovery problem."""
 
     name: str

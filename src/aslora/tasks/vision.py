@@ -15,6 +15,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -230,6 +231,9 @@ def _model_config(name: str, labels: list[str]) -> PretrainedConfig:
 @dataclass
 class VisionTask:
     """One image classification set with the ViT that classifies it."""
+
+    names: ClassVar[tuple[str, ...]] = VISION_TASKS
+    sentence_classifier: ClassVar[bool] = False
 
     name: str
     train: datasets.Dataset
