@@ -161,7 +161,7 @@ def _normalise(split: datasets.Dataset, spec: GlueSpec, source: Source) -> datas
         )
     _check_texts(split, spec.texts, source)
     named = split.features["label"].dtype in ("string", "large_string")
-    values = [str(v) for v in split["label"]]
+    values = [str(v) for v in _column(split, "label")]
     allowed = spec.labels if named else [str(i) for i in range(len(spec.labels))]
     unknown = [i for i, v in enumerate(values) if v not in allowed]
     if unknown:
@@ -201,19 +201,25 @@ def _carve_validation(
     return split["train"], {"": split["test"]}
 
 
+def _column(split: datasets.Dataset, name: str) -> list:
+    """One column as a Python list, read from Arrow at once: iterating `split[name]` formats every
+    row on its own, 5 s for the 67k rows of SST-2's training set on a 2-core CPU."""
+    return split.with_format("arrow")[name].to_pylist()
+
+
 def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], source: Source) -> None:
     """Every example needs its texts and a label: say which rows lack one, before any training."""
     columns = [columns] if isinstance(columns, str) else list(columns)
     if not set(columns) <= set(split.column_names) or "label" not in split.column_names:
         raise ValueError(f"{source.name} needs the columns {[*columns, 'label']}; it has {split.column_names}")
     for column in columns:
-        empty = [i for i, text in enumerate(split[column]) if text is None or not str(text).strip()]
+        empty = [i for i, text in enumerate(_column(split, column)) if text is None or not str(text).strip()]
         if empty:
             raise ValueError(
                 f"{source.name}: {len(empty)} example(s) have an empty text in '{column}' (first at "
                 f"{source.at(empty[0])}); remove or fix them"
             )
-    unlabelled = [i for i, label in enumerate(split["label"]) if label is None or not str(label).strip()]
+    unlabelled = [i for i, label in enumerate(_column(split, "label")) if label is None or not str(label).strip()]
     if unlabelled:
         raise ValueError(
             f"{source.name}: {len(unlabelled)} example(s) have no label (first at {source.at(unlabelled[0])}); "
@@ -254,7 +260,7 @@ class GlueTask:
                 name: split.shuffle(seed=config.seed).select(range(min(config.data.eval_subset, len(split))))
                 for name, split in evals.items()
             }
-        classes = set(train["label"])
+        classes = set(_column(train, "label"))
         if len(classes) < 2:
             raise ValueError(
                 f"GLUE/{spec.folder} train: every example has label {classes.pop()}; a classifier needs two "
@@ -292,13 +298,13 @@ class GlueTask:
     def encode(self, split: datasets.Dataset) -> TensorDataset:
         """Token ids, attention mask and label as tensors (a pair as one sequence, padded to max_length)."""
         enc = self.tokenizer(
-            *(list(split[column]) for column in self.texts),
+            *(_column(split, column) for column in self.texts),
             truncation=True,
             max_length=self.max_length,
             padding="max_length",
             return_tensors="pt",
         )
-        labels = torch.tensor(split["label"], dtype=torch.long)
+        labels = torch.tensor(_column(split, "label"), dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
     def encode_train(self, split: datasets.Dataset) -> TensorDataset:
