@@ -16,6 +16,7 @@ from aslora.config import ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
 from aslora.privacy import DPSettings
 from aslora.protocol import ClientJob, GlobalState
+from aslora.selection import ScoreSettings, score
 from aslora.tasks import load_task
 
 
@@ -114,3 +115,55 @@ def test_a_zero_score_share_is_refused_where_the_score_reads_the_inactive_factor
         dp_config.with_overrides({"method": "aslora", "selection.score_clip_share": 0.0})
     allowed = dp_config.with_overrides({"selection.score": "alternate", "selection.score_clip_share": 0.0})
     assert allowed.selection.score_clip_share == 0.0
+
+
+def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> None:
+    """optim.a_lr_scale (LoRA+): one plain SGD step from the same state on the same batch moves A by
+    the scale times what lr 1x moves it, and B and the head exactly as before."""
+    task = load_task(dp_config)
+    data = task.encode(task.train)
+    view = LoraView(task.build_model(dp_config))
+    gen = torch.Generator().manual_seed(0)
+    factors = {
+        layer: {f: torch.randn(view.parameter(layer, f).shape, generator=gen) * 0.05 for f in FACTORS}
+        for layer in view.layers
+    }
+    state = GlobalState(factors=factors, head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
+    moved = {}
+    for scale in (1.0, 0.25):
+        settings = LocalSettings(
+            steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(False, 0.0, 1.0), accountant="rdp",
+            train_head=True, a_lr_scale=scale,
+        )
+        update = train_client(view, data, state, job, settings, task.loss)
+        moved[scale] = {
+            "A": {layer: update.factors[layer]["A"] - factors[layer]["A"] for layer in view.layers},
+            "B": {layer: update.factors[layer]["B"] - factors[layer]["B"] for layer in view.layers},
+            "head": update.head,
+        }
+    for layer in view.layers:
+        assert moved[1.0]["A"][layer].abs().max() > 0
+        torch.testing.assert_close(moved[0.25]["A"][layer], 0.25 * moved[1.0]["A"][layer])
+        torch.testing.assert_close(moved[0.25]["B"][layer], moved[1.0]["B"][layer])
+    for name, tensor in moved[1.0]["head"].items():
+        torch.testing.assert_close(moved[0.25]["head"][name], tensor)
+
+
+def test_the_score_of_a_uses_a_s_own_lr(dp_config: ExperimentConfig) -> None:
+    """With a_lr_scale the predicted decrease of training A is taken at A's step size (4.2 with
+    eta_A = lr * a_lr_scale), that of B at lr."""
+    config = dp_config.with_overrides({"method": "aslora", "optim.a_lr_scale": 0.25})
+    result = run_experiment(config)
+    rows = metric_rows(result.directory)
+    noise = config.privacy.noise_multiplier * config.privacy.clip / config.optim.batch_size
+    clients = config.federation.clients_per_round
+    checked = 0
+    for row in rows:
+        for layer, factors in row["selection"]["stats"].items():
+            for factor, stats in factors.items():
+                eta = config.optim.lr * (0.25 if factor == "A" else 1.0)
+                settings = ScoreSettings("curvature", eta, config.federation.local_steps, noise**2)
+                assert row["selection"]["scores"][layer][factor] == pytest.approx(score(stats, settings, clients))
+                checked += factor == "A" and stats["G"] > 0
+    assert checked > 0  # some of A's scores are not trivially zero

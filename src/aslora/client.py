@@ -40,6 +40,7 @@ class LocalSettings:
     micro_batch_size: int = 0  # 0: the logical batch in one pass
     common_rate: float | None = None  # optim.batch_scaling 'by_size': every client samples at this rate
     score_clip_share: float | None = None  # selection.score_clip_share: the inactive factors' part of C^2
+    a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
 
     def rate(self, n_examples: int) -> float:
         """The Poisson sampling rate q of a client with `n_examples`: the one definition that DP-SGD,
@@ -53,7 +54,7 @@ class LocalSettings:
     def norm_bound(self, n_examples: int, dims: int) -> float:
         """How far one round of this training can move `dims` parameters of a client with `n_examples`."""
         return update_norm_bound(
-            self.steps, self.lr, self.optimizer, self.dp.clip, self.dp.noise_multiplier,
+            self.steps, self.lr * max(1.0, self.a_lr_scale), self.optimizer, self.dp.clip, self.dp.noise_multiplier,
             self.expected_batch(n_examples), n_examples, dims,
         )
 
@@ -146,9 +147,11 @@ def train_client(
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
+    a_factors = {id(view.parameter(layer, "A")) for layer in view.layers}
     with private_training(
         view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
         accountant, generator, on_gradient, rule.clip_groups,
+        lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
     ) as session:
         losses, seen = _local_steps(session, rule.params, loss_fn, settings)
     return ClientUpdate(

@@ -177,6 +177,13 @@ class OptimConfig(_Section):
         "sgd", description="applied to the privatised gradient (post-processing, no privacy cost)"
     )
     lr: float = Field(0.5, gt=0)
+    a_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="the A factors' lr is lr * a_lr_scale (B, the head: lr). LoRA+ (Hayou et al. 2024) "
+        "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
+        "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
+    )
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size (per client, or on average)")
     batch_scaling: Literal["fixed", "by_size"] = Field(
         "fixed",

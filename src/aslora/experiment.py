@@ -162,6 +162,7 @@ def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodCont
     return MethodContext(
         selection=config.selection,
         eta=config.optim.lr,
+        a_lr_scale=config.optim.a_lr_scale,
         tau=config.federation.local_steps,
         nu=noise_std**2 if privacy.enabled else 0.0,
         seed=config.seed,
@@ -250,6 +251,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         micro_batch_size=config.optim.micro_batch_size,
         common_rate=common,
         score_clip_share=config.selection.score_clip_share,
+        a_lr_scale=config.optim.a_lr_scale,
     )
 
 

@@ -265,6 +265,7 @@ def private_training(
     generator: torch.Generator,
     on_gradient: Callable[[], None] | None = None,
     clip_groups: ClipGroups | None = None,
+    lr_scales: Sequence[float] = (),
 ) -> Iterator[TrainingSession]:
     """Attach Opacus to `model` for one round; detach and clean up afterwards.
 
@@ -274,10 +275,19 @@ def private_training(
     of std `sigma * clip`, divides by the expected batch size, and records the
     step in `accountant`. `on_gradient` runs on every step's final gradient,
     before the optimiser applies it. With `clip_groups` the clip is split
-    over groups of `params` (GroupClipDPOptimizer), at the same sigma.
+    over groups of `params` (GroupClipDPOptimizer), at the same sigma. With `lr_scales`,
+    `params[i]` steps at `lr * lr_scales[i]` (LoRA+); the privatised gradient does not depend on it.
     """
+    scales = list(lr_scales) or [1.0] * len(params)
+    if len(scales) != len(params):
+        raise ValueError(f"{len(scales)} lr scales for {len(params)} parameters: give one per parameter")
     loader = DPDataLoader(dataset, sample_rate=rate, generator=generator)
-    optimizer = OPTIMIZERS[optimizer_name](params, lr=lr)
+    # PEFT's create_loraplus_optimizer groups by parameter name over the whole model; a client
+    # trains a per-round subset of it, so the groups are formed here from that subset.
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p, scale in zip(params, scales, strict=True):
+        groups.setdefault(scale, []).append(p)
+    optimizer = OPTIMIZERS[optimizer_name]([{"params": ps, "lr": lr * scale} for scale, ps in groups.items()])
     if not dp.enabled:
         yield TrainingSession(model, optimizer, loader, rate, 0.0, on_gradient)
         return

@@ -94,9 +94,10 @@ class ASLoRA(AveragingMethod):
             memory.update(stats=stats, scores=scores, ema=ema)
         elif self.statistics == "moments":
             stats = mean_statistics([u.stats for u in updates], weights)
-            settings = ScoreSettings(self.context.selection.score, self.context.eta, self.context.tau, self.context.nu)
+            c = self.context
+            settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in ("A", "B")}
             scores = {
-                layer: {f: score(values, settings, len(updates)) for f, values in factors.items()}
+                layer: {f: score(values, settings[f], len(updates)) for f, values in factors.items()}
                 for layer, factors in stats.items()
             }
             memory.update(

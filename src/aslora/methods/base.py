@@ -35,6 +35,11 @@ class MethodContext:
     seed: int
     rounds: int
     client_ranks: tuple[int, ...] = ()  # heterogeneous LoRA ranks (FLoRA); empty: all r
+    a_lr_scale: float = 1.0  # optim.a_lr_scale: A steps at eta * a_lr_scale
+
+    def eta_of(self, factor: str) -> float:
+        """The step size `factor` trains at."""
+        return self.eta * (self.a_lr_scale if factor == "A" else 1.0)
 
 
 class Method(ABC):
