@@ -24,6 +24,17 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+def _random_start(view: LoraView) -> tuple[dict[str, dict[str, torch.Tensor]], GlobalState]:
+    """Small seeded A and B in every layer (B != 0, so A has a gradient), and the state holding them."""
+    gen = torch.Generator().manual_seed(0)
+    factors = {
+        layer: {f: torch.randn(view.parameter(layer, f).shape, generator=gen) * 0.05 for f in FACTORS}
+        for layer in view.layers
+    }
+    state = GlobalState(factors=factors, head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    return factors, state
+
+
 @pytest.fixture
 def dp_config(tiny_config: ExperimentConfig) -> ExperimentConfig:
     """A fixed sigma, so that every method below trains with the same noise."""
@@ -48,12 +59,7 @@ def test_round_zero_trains_b_and_scores_a_at_exactly_zero(tiny_config: Experimen
 def test_inactive_factors_are_bit_identical_and_not_uploaded(dp_config: ExperimentConfig) -> None:
     task = load_task(dp_config)
     view = LoraView(task.build_model(dp_config))
-    gen = torch.Generator().manual_seed(0)
-    factors = {
-        layer: {f: torch.randn(view.parameter(layer, f).shape, generator=gen) * 0.05 for f in FACTORS}
-        for layer in view.layers
-    }
-    state = GlobalState(factors=factors, head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    factors, state = _random_start(view)
     mask = {layer: ("A",) if i % 3 == 0 else ("B",) for i, layer in enumerate(view.layers)}
     settings = LocalSettings(
         steps=3, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(True, 2.0, 1.0), accountant="rdp", train_head=True
@@ -123,12 +129,7 @@ def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> Non
     task = load_task(dp_config)
     data = task.encode(task.train)
     view = LoraView(task.build_model(dp_config))
-    gen = torch.Generator().manual_seed(0)
-    factors = {
-        layer: {f: torch.randn(view.parameter(layer, f).shape, generator=gen) * 0.05 for f in FACTORS}
-        for layer in view.layers
-    }
-    state = GlobalState(factors=factors, head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    factors, state = _random_start(view)
     job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
     moved = {}
     for scale in (1.0, 0.25):
