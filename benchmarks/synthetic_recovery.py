@@ -124,13 +124,20 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.1, help="relative error to reach")
     parser.add_argument("--rows", type=Path, default=None, help="write one JSON line per run here")
     parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in --rows (by variant and seed) and run only the missing ones",
+    )
+    parser.add_argument(
         "--also", action="append", default=[], type=extra_variant, metavar="'LABEL:KEY=VALUE,...'",
         help="one more variant (method aslora unless KEY method says otherwise), e.g. 'aslora beta 0.7:selection.beta=0.7'",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     base = load_config(REPO / "configs" / "synthetic.toml")
-    rows: list[dict] = []
+    if args.resume and not (args.rows and args.rows.exists()):
+        parser.error("--resume needs --rows naming an existing file")
+    rows: list[dict] = [json.loads(line) for line in args.rows.open()] if args.resume else []
+    done = {(r["variant"], r["seed"]) for r in rows}
 
     def keep(row: dict) -> None:
         rows.append(row)
@@ -138,19 +145,23 @@ def main() -> None:
             with args.rows.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if args.rows:
+    if args.rows and not args.resume:
         args.rows.write_text("")
     with tempfile.TemporaryDirectory() as out:
         for label, overrides in (VARIANTS | dict(args.also)).items():
             for seed in range(args.seeds):
-                keep(run_one(base.with_overrides({**overrides, "seed": seed, "output_dir": out}), label, args.target))
+                if (label, seed) not in done:
+                    keep(run_one(base.with_overrides({**overrides, "seed": seed, "output_dir": out}), label, args.target))
         for seed in range(args.seeds):
+            if ("oracle", seed) in done:
+                continue
             raw = base.with_overrides({"method": "oracle", "seed": seed, "output_dir": out}).model_dump(mode="json")
             sigma = next(r["sigma"] for r in rows if r["variant"] == "aslora" and r["seed"] == seed)
             raw["privacy"] |= {"epsilon": None, "noise_multiplier": sigma}  # the private runs' noise, no budget
             keep(run_one(parse_config(raw), "oracle", args.target))
     for seed in range(args.seeds):
-        keep(hindsight(rows, seed))
+        if ("hindsight", seed) not in done:
+            keep(hindsight(rows, seed))
     Console(width=170).print(table(rows, args.seeds, base.privacy.epsilon, args.target))
 
 

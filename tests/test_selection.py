@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from aslora.methods.base import aggregation_error, average_trained_factors
+from aslora.config import SelectionConfig
+from aslora.methods import get_method
+from aslora.methods.base import MethodContext, aggregation_error, average_trained_factors
 from aslora.protocol import ClientUpdate, GlobalState
 from aslora.selection import (
     DecisionSettings,
@@ -15,6 +17,7 @@ from aslora.selection import (
     ScoreSettings,
     decide,
     decide_official,
+    floor_g,
     layer_groups,
     mean_statistics,
     moment_statistics,
@@ -24,6 +27,7 @@ from aslora.selection import (
     score,
     update_ema,
 )
+from aslora.server import value_problem
 
 LAYERS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(3) for m in ("query", "value")]
 
@@ -85,7 +89,11 @@ def test_debiasing_removes_the_noise_from_g_and_the_fisher() -> None:
         traces.append(stats["T"])
     bias = nu * dim / tau
     assert np.mean(raw) == pytest.approx(bias, rel=0.02)
-    assert np.mean(debiased) < 0.05 * bias
+    assert abs(np.mean(debiased)) < 0.02 * bias  # unbiased: the noise averages out ...
+    assert min(debiased) < 0 < max(debiased)  # ... because G is not floored on the client
+    floored = [floor_g({"l": {"A": {"G": g, "Q": 0.0, "T": 0.0}}})["l"]["A"]["G"] for g in debiased]
+    spread = float(np.std(debiased))
+    assert np.mean(floored) > 0.3 * spread  # ALGORITHM.md 4.1's floor keeps the positive half of the noise
     raw_trace = nu * dim
     assert np.mean(traces) < 0.3 * raw_trace  # clamped at 0: only the positive noise excess remains
 
@@ -104,6 +112,7 @@ def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=
         min_dwell=kw.get("min_dwell", 1),
         warmup_rounds=kw.get("warmup_rounds", 0),
         seed=0,
+        a_budget=kw.get("a_budget"),
     )
 
 
@@ -257,3 +266,65 @@ def test_last_step_score_is_a_debiased_projected_norm() -> None:
     nu = 1e-3
     assert tracker.statistics(nu)["l"]["B"]["S"] == pytest.approx(raw - 512 * nu)
     assert tracker.statistics(nu=10.0)["l"]["B"]["S"] == 0.0  # floored
+
+
+def test_g_is_floored_per_client_before_the_mean_only_where_the_run_asks() -> None:
+    """selection.floor_g: true is ALGORITHM.md 4.1 (each client uploads max(G, 0)); false averages
+    the unbiased G, so one client's negative noise cancels another's positive noise."""
+    state = GlobalState(factors={"l": {"A": torch.zeros(2, 3), "B": torch.zeros(3, 2)}}, head={}, scaling={"l": 1.0})
+    clients = [
+        ClientUpdate(
+            client_id=i, n_examples=10, factors={"l": {"B": torch.zeros(3, 2)}}, head={}, loss=0.0, examples_seen=10,
+            stats={"l": {"A": {"G": g, "Q": 0.0, "T": 0.0}, "B": {"G": 1.0, "Q": 0.0, "T": 0.0}}},
+        )
+        for i, g in enumerate((-1.0, 3.0))
+    ]
+    means = {}
+    for floor in (True, False):
+        context = MethodContext(
+            selection=SelectionConfig(floor_g=floor), eta=1.0, tau=1, nu=0.0, seed=0, rounds=2
+        )
+        new = get_method("aslora", context).aggregate(state, clients, [0.5, 0.5])
+        means[floor] = new.memory["stats"]["l"]["A"]["G"]
+    assert means == {True: 1.5, False: 1.0}
+
+
+@pytest.mark.parametrize(
+    ("stats", "rejected"),
+    [({"G": -0.5, "Q": 0.0, "T": 0.0}, False), ({"G": 0.5, "Q": -0.5, "T": 0.0}, True),
+     ({"G": float("nan"), "Q": 0.0, "T": 0.0}, True), ({"G": 0.0, "Q": 0.0, "T": float("inf")}, True)],
+)
+def test_the_server_accepts_a_negative_g_but_no_other_negative_or_non_finite_statistic(
+    stats: dict[str, float], rejected: bool
+) -> None:
+    update = ClientUpdate(
+        client_id=0, n_examples=1, factors={}, head={}, loss=0.0, examples_seen=1, stats={"l": {"A": stats}}
+    )
+    assert (value_problem(update) is not None) == rejected
+
+
+def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_share() -> None:
+    """selection.a_budget: round(share * units) units train A, ranked by S_A - S_B, even where B
+    leads everywhere (the greedy rule would train B on every layer there)."""
+    leads = [0.3, -1.0, 0.5, 0.1, -0.2, -3.0]
+    ema = {layer: {"A": lead, "B": 0.0} for layer, lead in zip(LAYERS, leads, strict=True)}
+    history = [dict.fromkeys(LAYERS, "B")]
+    mask = decide(1, _settings(a_budget=0.5), ema, history)
+    assert [layer for layer in LAYERS if mask[layer] == "A"] == [LAYERS[0], LAYERS[2], LAYERS[3]]
+    behind = {layer: {"A": lead - 10.0, "B": 0.0} for layer, lead in zip(LAYERS, leads, strict=True)}
+    assert set(decide(1, _settings(), behind, history).values()) == {"B"}
+    budget = decide(1, _settings(a_budget=1 / 3), behind, history)
+    assert [layer for layer in LAYERS if budget[layer] == "A"] == [LAYERS[0], LAYERS[2]]
+    by_block = decide(1, _settings(granularity="group", a_budget=1 / 3), ema, history)  # blocks sum q and v
+    assert [layer for layer in LAYERS if by_block[layer] == "A"] == LAYERS[2:4]
+    assert set(decide(0, _settings(a_budget=0.5), ema, []).values()) == {"B"}  # round 0: A's score is 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({"a_budget": 0.5, "score": "random"}, "score 'random'"), ({"a_budget": 0.5, "rule": "official"}, "rule 'official'"),
+     ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget")],
+)
+def test_a_budget_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        SelectionConfig(**overrides)

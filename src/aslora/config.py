@@ -234,12 +234,37 @@ class SelectionConfig(_Section):
     hysteresis: float = Field(0.0, ge=0, description="switch only if S_other > S_current + h |S_current|")
     min_dwell: int = Field(1, ge=1, description="rounds a factor stays active before it may switch")
     warmup_rounds: int = Field(0, ge=0, description="rounds that train B everywhere before selection")
+    a_budget: float | None = Field(
+        None, gt=0, le=1,
+        description="a joint decision: this share of the layers (units) trains A each round, those "
+        "where A's EMA score leads B's by the most; null = each unit decides alone (ALGORITHM.md 4.3)",
+    )
+    floor_g: bool = Field(
+        True,
+        description="floor each client's G at 0 before the mean over clients (ALGORITHM.md 4.1); false "
+        "keeps G unbiased, so its noise averages out over clients and rounds",
+    )
     score_clip_share: float | None = Field(
         None, ge=0, lt=1,
         description="the share of the clip budget C^2 given to the inactive factors, whose privatised "
         "gradients only feed the score; the active factors and the head get the rest (group-wise "
         "clipping, same sigma and accountant). null = one joint clip over all of them (ALGORITHM.md 4.1)",
     )
+
+    @model_validator(mode="after")
+    def _budget(self) -> SelectionConfig:
+        if self.a_budget is not None and (self.rule != "spec" or self.score not in SCORED):
+            raise ValueError(
+                f"selection.a_budget places A-steps by the scores of the spec rule; with rule {self.rule!r} "
+                f"and score {self.score!r} it would do nothing: set rule 'spec' and score 'curvature' or "
+                "'first_order', or a_budget null"
+            )
+        if self.a_budget is not None and (self.hysteresis > 0 or self.min_dwell > 1):
+            raise ValueError(
+                "selection.hysteresis and min_dwell act on the per-unit rule, not under selection.a_budget: "
+                "leave them at 0 and 1, or set a_budget null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _share(self) -> SelectionConfig:

@@ -93,12 +93,32 @@ def projection(name: str, dim: int, projection_dim: int) -> torch.Tensor:
 
 
 def moment_statistics(m1: torch.Tensor, m2: torch.Tensor, steps: int, nu: float) -> dict[str, float]:
-    """G = max(||m1||^2 - nu dim / tau, 0); F = max(m2 - nu, 0); Q = sum F m1^2; T = sum F."""
+    """G = ||m1||^2 - nu dim / tau; F = max(m2 - nu, 0); Q = sum F m1^2; T = sum F.
+
+    G is left unfloored, so that it stays an unbiased estimate of the squared
+    mean gradient and a mean over clients and rounds averages its noise away;
+    `floor_g` applies ALGORITHM.md 4.1's floor at 0 where a run asks for it.
+    """
     if steps == 0:
         return {"G": 0.0, "Q": 0.0, "T": 0.0}
     fisher = torch.clamp(m2 - nu, min=0.0)
-    g = max(float((m1 * m1).sum()) - nu * m1.numel() / steps, 0.0)
+    g = float((m1 * m1).sum()) - nu * m1.numel() / steps
     return {"G": g, "Q": float((fisher * m1 * m1).sum()), "T": float(fisher.sum())}
+
+
+def floor_g(stats: FactorStats) -> FactorStats:
+    """One client's statistics with G floored at 0, as ALGORITHM.md 4.1 uploads it.
+
+    Why it is a choice (selection.floor_g): where the gradient's signal is
+    below the noise of one client's round, max(G, 0) keeps the positive half of
+    the noise, a bias of about its standard deviation that is alike for A and B
+    of equal size; the score multiplies it by each factor's step size, so the
+    decision then follows the lr ratio, not the data.
+    """
+    return {
+        layer: {f: {**values, "G": max(values["G"], 0.0)} for f, values in factors.items()}
+        for layer, factors in stats.items()
+    }
 
 
 def mean_statistics(per_client: Sequence[FactorStats], weights: Sequence[float]) -> FactorStats:
@@ -190,6 +210,7 @@ class DecisionSettings:
     min_dwell: int
     warmup_rounds: int
     seed: int
+    a_budget: float | None = None  # selection.a_budget: the share of units that train A each round
 
 
 def decide(
@@ -215,6 +236,8 @@ def decide(
         rng = np.random.default_rng([settings.seed, round_index])
         coins = rng.integers(0, 2, size=len(settings.groups))
         return {layer: "AB"[int(c)] for group, c in zip(settings.groups, coins, strict=True) for layer in group}
+    if settings.a_budget is not None:
+        return decide_budget(settings.groups, ema, settings.a_budget)
     previous = history[-1] if history else dict.fromkeys(layers, "B")
     mask = {}
     for group in settings.groups:
@@ -228,6 +251,24 @@ def decide(
         )
         mask.update(dict.fromkeys(group, other if switch else current))
     return mask
+
+
+def decide_budget(groups: Sequence[Sequence[str]], ema: Mapping[str, Mapping[str, float]], budget: float) -> dict[str, str]:
+    """A joint decision under a per-round budget of A-units (the paper's future work).
+
+    Why: the greedy rule of 4.3 compares A with B unit by unit, so wherever the
+    scores are noisy or favour one factor everywhere (B, whose step size is the
+    larger under LoRA+) it trains that factor on every layer and becomes
+    FFA-LoRA. Here round(budget * units) units train A each round, those where
+    A's summed EMA score leads B's by the most (ties: the earlier unit); the
+    scores place the A-steps, the budget sets how many there are.
+    """
+    count = round(budget * len(groups))
+    lead = [
+        sum(ema.get(layer, {}).get("A", 0.0) - ema.get(layer, {}).get("B", 0.0) for layer in group) for group in groups
+    ]
+    chosen = set(sorted(range(len(groups)), key=lambda i: -lead[i])[:count])
+    return {layer: "A" if i in chosen else "B" for i, group in enumerate(groups) for layer in group}
 
 
 # The authors' rule (ALGORITHM.md section 7) ------------------------------------

@@ -173,9 +173,12 @@ def layout_problem(
 
 
 def value_problem(update: ClientUpdate) -> str | None:
-    """Whether any tensor or score statistic is non-finite (or a statistic negative)."""
-    values = [v for fs in update.stats.values() for s in fs.values() for v in s.values()]
-    if not all(math.isfinite(v) and v >= 0 for v in values):
+    """Whether any tensor or score statistic is non-finite (or a statistic other than G negative).
+
+    G is an unbiased estimate of a squared norm, so noise can make it negative.
+    """
+    values = [(k, v) for fs in update.stats.values() for s in fs.values() for k, v in s.items()]
+    if not all(math.isfinite(v) and (v >= 0 or k == "G") for k, v in values):
         return "its score statistics are negative or non-finite"
     for name, tensor in update.tensors().items():
         if not torch.isfinite(tensor).all():

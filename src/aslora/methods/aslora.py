@@ -24,6 +24,7 @@ from aslora.selection import (
     ScoreSettings,
     decide,
     decide_official,
+    floor_g,
     layer_groups,
     mean_statistics,
     official_warmup,
@@ -66,6 +67,7 @@ class ASLoRA(AveragingMethod):
             min_dwell=c.min_dwell,
             warmup_rounds=c.warmup_rounds,
             seed=self.context.seed,
+            a_budget=c.a_budget,
         )
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
@@ -93,7 +95,8 @@ class ASLoRA(AveragingMethod):
             ema = update_ema(memory["ema"], scores, self.context.selection.beta)
             memory.update(stats=stats, scores=scores, ema=ema)
         elif self.statistics == "moments":
-            stats = mean_statistics([u.stats for u in updates], weights)
+            per_client = [floor_g(u.stats) if self.context.selection.floor_g else u.stats for u in updates]
+            stats = mean_statistics(per_client, weights)
             c = self.context
             settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in ("A", "B")}
             scores = {
