@@ -328,3 +328,24 @@ def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_s
 def test_a_budget_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         SelectionConfig(**overrides)
+
+
+def test_ema_from_frozen_moves_only_the_ema_of_the_factor_that_did_not_train() -> None:
+    """selection.ema_from = 'frozen': the trained factor's statistics were measured while it moved,
+    so only the frozen factor's score enters its EMA; 'all' (4.3) moves both."""
+    state = GlobalState(
+        factors={"l": {"A": torch.zeros(2, 3), "B": torch.zeros(3, 2)}}, head={}, scaling={"l": 1.0},
+        memory={"ema": {"l": {"A": 0.5, "B": 0.5}}},
+    )
+    update = ClientUpdate(
+        client_id=0, n_examples=10, factors={"l": {"B": torch.zeros(3, 2)}}, head={}, loss=0.0, examples_seen=10,
+        stats={"l": {"A": {"G": 2.0, "Q": 0.0, "T": 0.0}, "B": {"G": 4.0, "Q": 0.0, "T": 0.0}}},
+    )
+    emas = {}
+    for source in ("all", "frozen"):
+        context = MethodContext(
+            selection=SelectionConfig(ema_from=source, beta=0.5, score="first_order"), eta=1.0, tau=1, nu=0.0,
+            seed=0, rounds=2,
+        )
+        emas[source] = get_method("aslora", context).aggregate(state, [update], [1.0]).memory["ema"]["l"]
+    assert emas == {"all": {"A": 1.25, "B": 2.25}, "frozen": {"A": 1.25, "B": 0.5}}

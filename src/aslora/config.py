@@ -239,6 +239,11 @@ class SelectionConfig(_Section):
         description="a joint decision: this share of the layers (units) trains A each round, those "
         "where A's EMA score leads B's by the most; null = each unit decides alone (ALGORITHM.md 4.3)",
     )
+    ema_from: Literal["all", "frozen"] = Field(
+        "all",
+        description="'all': every factor's score updates its EMA (ALGORITHM.md 4.3); 'frozen': only the "
+        "factor that stayed frozen in the round, whose gradients were measured at a fixed point",
+    )
     floor_g: bool = Field(
         True,
         description="floor each client's G at 0 before the mean over clients (ALGORITHM.md 4.1); false "

@@ -103,9 +103,10 @@ class ASLoRA(AveragingMethod):
                 layer: {f: score(values, settings[f], len(updates)) for f, values in factors.items()}
                 for layer, factors in stats.items()
             }
-            memory.update(
-                stats=stats, scores=scores, ema=update_ema(memory["ema"], scores, self.context.selection.beta)
-            )
+            smoothed = scores
+            if c.selection.ema_from == "frozen":  # the trained factor's statistics saw it move: not comparable
+                smoothed = {layer: {f: v for f, v in fs.items() if f != trained[layer]} for layer, fs in scores.items()}
+            memory.update(stats=stats, scores=scores, ema=update_ema(memory["ema"], smoothed, c.selection.beta))
         return new.evolve(memory=memory)
 
     def weight(self, n_examples: int) -> int:
