@@ -43,6 +43,10 @@ class ASLoRA(AveragingMethod):
         "aslora tied": {"method": "aslora", "selection.granularity": "tied"},
         "aslora first_order": {"method": "aslora", "selection.score": "first_order"},
         "aslora random": {"method": "aslora", "selection.score": "random"},
+        # this project's departures from the spec (README), each alone or with the unbiased G
+        "aslora unfloored": {"method": "aslora", "selection.floor_g": False},
+        "aslora frozen": {"method": "aslora", "selection.ema_from": "frozen"},
+        "aslora budget": {"method": "aslora", "selection.a_budget": 0.5, "selection.floor_g": False},
         # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
         "aslora official": {
             "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
