@@ -41,6 +41,28 @@ def dp_config(tiny_config: ExperimentConfig) -> ExperimentConfig:
     return tiny_config.with_overrides({"privacy.noise_multiplier": 2.0})
 
 
+def test_each_client_uploads_g_floored_only_where_the_run_asks(dp_config: ExperimentConfig) -> None:
+    """selection.floor_g: true uploads ALGORITHM.md 4.1's max(G, 0); false the unbiased G of the
+    same privatised gradients (same job seed, same noise). The floor is the client's, so that a
+    SecAgg+ sum of the statistics stays the spec's mean."""
+    task = load_task(dp_config)
+    view = LoraView(task.build_model(dp_config))
+    _, state = _random_start(view)
+    mask = {layer: ("B",) for layer in view.layers}
+    uploads = {}
+    for floor in (True, False):
+        settings = LocalSettings(
+            steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(True, 2.0, 1.0), accountant="rdp",
+            train_head=True, floor_g=floor,
+        )
+        job = ClientJob(0, 0, 123, mask, statistics="moments")
+        uploads[floor] = train_client(view, task.encode(task.train), state, job, settings, task.loss).stats
+    raw = [s for fs in uploads[False].values() for s in fs.values()]
+    floored = [s for fs in uploads[True].values() for s in fs.values()]
+    assert any(s["G"] < 0 for s in raw)  # one noisy step: some factors' G lie below the noise floor
+    assert floored == [{**s, "G": max(s["G"], 0.0)} for s in raw]
+
+
 def test_round_zero_trains_b_and_scores_a_at_exactly_zero(tiny_config: ExperimentConfig) -> None:
     raw = tiny_config.with_overrides(
         {"method": "aslora", "federation.rounds": 1, "federation.local_steps": 1}

@@ -22,6 +22,7 @@ from aslora.privacy import (
     update_norm_bound,
 )
 from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
+from aslora.selection import floor_g
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
@@ -40,6 +41,7 @@ class LocalSettings:
     micro_batch_size: int = 0  # 0: the logical batch in one pass
     common_rate: float | None = None  # optim.batch_scaling 'by_size': every client samples at this rate
     score_clip_share: float | None = None  # selection.score_clip_share: the inactive factors' part of C^2
+    floor_g: bool = True  # selection.floor_g: upload max(G, 0) (ALGORITHM.md 4.1), else the unbiased G
     a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
 
     def rate(self, n_examples: int) -> float:
@@ -154,6 +156,7 @@ def train_client(
         lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
     ) as session:
         losses, seen = _local_steps(session, rule.params, loss_fn, settings)
+        stats = rule.statistics(session.noise_variance)
     return ClientUpdate(
         client_id=job.client_id,
         n_examples=len(data),
@@ -162,7 +165,7 @@ def train_client(
         loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
         privacy_history=list(accountant.history),
-        stats=rule.statistics(session.noise_variance),
+        stats=floor_g(stats) if settings.floor_g else stats,
         train_time_s=time.perf_counter() - started,
     )
 

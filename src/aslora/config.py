@@ -246,8 +246,8 @@ class SelectionConfig(_Section):
     )
     floor_g: bool = Field(
         True,
-        description="floor each client's G at 0 before the mean over clients (ALGORITHM.md 4.1); false "
-        "keeps G unbiased, so its noise averages out over clients and rounds",
+        description="each client uploads max(G, 0) (ALGORITHM.md 4.1); false: the unbiased G, whose "
+        "noise averages out over clients and rounds",
     )
     score_clip_share: float | None = Field(
         None, ge=0, lt=1,

@@ -109,14 +109,16 @@ def moment_statistics(m1: torch.Tensor, m2: torch.Tensor, steps: int, nu: float)
 def floor_g(stats: FactorStats) -> FactorStats:
     """One client's statistics with G floored at 0, as ALGORITHM.md 4.1 uploads it.
 
-    Why it is a choice (selection.floor_g): where the gradient's signal is
-    below the noise of one client's round, max(G, 0) keeps the positive half of
-    the noise, a bias of about its standard deviation that is alike for A and B
-    of equal size; the score multiplies it by each factor's step size, so the
-    decision then follows the lr ratio, not the data.
+    Applied on the client (selection.floor_g), so that a secure sum of the
+    clients' statistics stays the spec's mean. Why it is a choice: where the
+    signal is below the noise of one client's round, max(G, 0) keeps the
+    positive half of the noise, a bias of about its standard deviation that is
+    alike for A and B of equal size; the score multiplies it by each factor's
+    step size, so the decision then follows the lr ratio, not the data.
+    Statistics without a G (the official rule's S) pass unchanged.
     """
     return {
-        layer: {f: {**values, "G": max(values["G"], 0.0)} for f, values in factors.items()}
+        layer: {f: {**v, "G": max(v["G"], 0.0)} if "G" in v else v for f, v in factors.items()}
         for layer, factors in stats.items()
     }
 

@@ -24,7 +24,6 @@ from aslora.selection import (
     ScoreSettings,
     decide,
     decide_official,
-    floor_g,
     layer_groups,
     mean_statistics,
     official_warmup,
@@ -99,8 +98,7 @@ class ASLoRA(AveragingMethod):
             ema = update_ema(memory["ema"], scores, self.context.selection.beta)
             memory.update(stats=stats, scores=scores, ema=ema)
         elif self.statistics == "moments":
-            per_client = [floor_g(u.stats) if self.context.selection.floor_g else u.stats for u in updates]
-            stats = mean_statistics(per_client, weights)
+            stats = mean_statistics([u.stats for u in updates], weights)
             c = self.context
             settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in ("A", "B")}
             scores = {
