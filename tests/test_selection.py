@@ -302,9 +302,10 @@ def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_s
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [({"a_budget": 0.5, "score": "random"}, "score 'random'"), ({"a_budget": 0.5, "rule": "official"}, "rule 'official'"),
-     ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget")],
+     ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget"),
+     ({"ema_from": "frozen", "rule": "official"}, "ema_from"), ({"floor_g": False, "score": "alternate"}, "floor_g")],
 )
-def test_a_budget_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
+def test_a_selection_setting_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         SelectionConfig(**overrides)
 

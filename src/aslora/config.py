@@ -258,11 +258,13 @@ class SelectionConfig(_Section):
 
     @model_validator(mode="after")
     def _budget(self) -> SelectionConfig:
-        if self.a_budget is not None and (self.rule != "spec" or self.score not in SCORED):
+        changed = {"a_budget": self.a_budget is not None, "ema_from": self.ema_from != "all", "floor_g": not self.floor_g}
+        inert = [k for k, on in changed.items() if on] if self.rule != "spec" or self.score not in SCORED else []
+        if inert:
             raise ValueError(
-                f"selection.a_budget places A-steps by the scores of the spec rule; with rule {self.rule!r} "
-                f"and score {self.score!r} it would do nothing: set rule 'spec' and score 'curvature' or "
-                "'first_order', or a_budget null"
+                f"selection.{inert[0]} acts on the scores of the spec rule; with rule {self.rule!r} and score "
+                f"{self.score!r} it would do nothing: set rule 'spec' and score 'curvature' or 'first_order', "
+                f"or leave {inert[0]} at its default"
             )
         if self.a_budget is not None and (self.hysteresis > 0 or self.min_dwell > 1):
             raise ValueError(
