@@ -2,7 +2,7 @@
 inside / outside the initial A's row space, where it spent its rounds (share on A), how well
 its score ranked the realised decreases, and two NON-PRIVATE references.
 
-    python benchmarks/synthetic_recovery.py [--seeds 5] [--target 0.1] [--rows recovery.jsonl]
+    python benchmarks/synthetic_recovery.py [--seeds 5] [--target 0.1] [--rows recovery.jsonl [--resume]]
                                             [--also 'aslora beta 0.7:selection.beta=0.7' ...]
 
 Runs configs/synthetic.toml (DP-SGD at epsilon 3, 10 non-IID clients, a 512-example probe set on
