@@ -257,7 +257,7 @@ class SelectionConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _budget(self) -> SelectionConfig:
+    def _spec_only_settings(self) -> SelectionConfig:
         changed = {"a_budget": self.a_budget is not None, "ema_from": self.ema_from != "all", "floor_g": not self.floor_g}
         inert = [k for k, on in changed.items() if on] if self.rule != "spec" or self.score not in SCORED else []
         if inert:

@@ -190,6 +190,11 @@ def _group_key(layer: str, patterns: Sequence[str]) -> str:
     )
 
 
+def group_score(ema: Mapping[str, Mapping[str, float]], group: Sequence[str], factor: str) -> float:
+    """A unit's EMA score for `factor`: the sum over its layers (0 where a layer has none yet)."""
+    return sum(ema.get(layer, {}).get(factor, 0.0) for layer in group)
+
+
 def dwell(history: Sequence[Mapping[str, str]], layer: str) -> int:
     """How many of the latest rounds `layer` has trained its current factor."""
     if not history:
@@ -245,8 +250,7 @@ def decide(
     for group in settings.groups:
         current = previous[group[0]]
         other = "A" if current == "B" else "B"
-        s_current = sum(ema.get(layer, {}).get(current, 0.0) for layer in group)
-        s_other = sum(ema.get(layer, {}).get(other, 0.0) for layer in group)
+        s_current, s_other = group_score(ema, group, current), group_score(ema, group, other)
         switch = (
             s_other > s_current + settings.hysteresis * abs(s_current)
             and dwell(history, group[0]) >= settings.min_dwell
@@ -266,9 +270,7 @@ def decide_budget(groups: Sequence[Sequence[str]], ema: Mapping[str, Mapping[str
     scores place the A-steps, the budget sets how many there are.
     """
     count = round(budget * len(groups))
-    lead = [
-        sum(ema.get(layer, {}).get("A", 0.0) - ema.get(layer, {}).get("B", 0.0) for layer in group) for group in groups
-    ]
+    lead = [group_score(ema, group, "A") - group_score(ema, group, "B") for group in groups]
     chosen = set(sorted(range(len(groups)), key=lambda i: -lead[i])[:count])
     return {layer: "A" if i in chosen else "B" for i, group in enumerate(groups) for layer in group}
 
@@ -307,8 +309,7 @@ def decide_official(
     draws = np.random.default_rng([seed, round_index]).random(len(groups))
     mask = {}
     for group, u in zip(groups, draws, strict=True):
-        s_a = sum(ema.get(layer, {}).get("A", 0.0) for layer in group)
-        s_b = sum(ema.get(layer, {}).get("B", 0.0) for layer in group)
+        s_a, s_b = group_score(ema, group, "A"), group_score(ema, group, "B")
         mask.update(dict.fromkeys(group, "A" if u < official_probability_a(s_a, s_b, temperature) else "B"))
     return mask
 
