@@ -22,8 +22,7 @@ from rich.table import Table
 from aslora.config import SelectionConfig
 from aslora.methods import NAMES as METHODS
 from aslora.methods import MethodContext, get_method
-from aslora.protocol import ClientUpdate, GlobalState
-from aslora.server import payload_bytes
+from aslora.protocol import ClientUpdate, GlobalState, pack
 
 # model -> (d = k of an attention projection, adapted matrices: 2 per block)
 SHAPES = {"roberta-base": (768, 24), "roberta-large": (1024, 48), "llama-7b": (4096, 64)}
@@ -54,9 +53,9 @@ def time_aggregation(method: str, dim: int, rank: int, clients: int, repeats: in
         start = time.perf_counter()
         new = impl.aggregate(state, updates, weights)
         times.append(time.perf_counter() - start)
-    up = payload_bytes(impl.uploaded(updates[0]))
+    up = len(pack(impl.uploaded(updates[0])))  # tensors as they travel, without the job's header
     old = impl.downloaded(state)
-    down = payload_bytes({k: t for k, t in impl.downloaded(new).items() if k not in old or not torch.equal(t, old[k])})
+    down = len(pack({k: t for k, t in impl.downloaded(new).items() if k not in old or not torch.equal(t, old[k])}))
     return statistics.median(times), up, down
 
 

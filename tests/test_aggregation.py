@@ -9,7 +9,8 @@ import torch
 from aslora.config import SelectionConfig
 from aslora.methods import MethodContext, get_method
 from aslora.methods.base import aggregation_error
-from aslora.protocol import ClientUpdate, GlobalState
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState
+from aslora.replica import Replica
 
 LAYERS = {"l0": (12, 10), "l1": (6, 9)}  # name -> (d_out, d_in)
 RANK = 3
@@ -172,33 +173,40 @@ def test_flexlora_truncates_the_aggregate_to_the_best_rank_r() -> None:
     assert max(aggregation_error(state, updates[:1], [1.0], one).values()) < 1e-5
 
 
-def test_fedsa_shares_a_and_keeps_b_and_head_per_client_across_rounds() -> None:
+def test_fedsa_shares_a_while_b_and_head_stay_with_each_client() -> None:
+    """The server averages A and never holds a trained B or head; each client's replica keeps its
+    own and starts the next round from them; only the simulation's evaluation view averages them."""
     gen = torch.Generator().manual_seed(7)
     method = get_method("fedsa")
     state = _state(gen).evolve(head={"w": torch.zeros(3)})
+    mask = method.plan(0, state)
+    replicas = {c: Replica(state.tensors()) for c in range(3)}
     first = _updates(state, "fedsa", gen, n=3)
     for u in first:
         u.head = {"w": torch.full((3,), float(u.client_id))}
+        start, _ = replicas[u.client_id].run(ClientJob(u.client_id, 0, 0, mask), method, lambda s, j, u=u: u, dict)
+        assert torch.equal(start.factors["l0"]["B"], state.factors["l0"]["B"])  # the seeded initial B
     weights = _weights(first)
-    after_one = method.aggregate(state, first, weights)
+    after = method.aggregate(state, first, weights)
     for layer in LAYERS:
         a_bar = sum(w * u.factors[layer]["A"].double() for u, w in zip(first, weights, strict=True))
-        torch.testing.assert_close(after_one.factors[layer]["A"].double(), a_bar, rtol=1e-6, atol=1e-6)
-    # Round two: only client 0 trains again; clients 1 and 2 keep their own B and head.
-    second = _updates(method.client_start(after_one, 0), "fedsa", gen, n=1)
-    after_two = method.aggregate(after_one, second, [1.0])
-    for client, update in ((1, first[1]), (2, first[2])):
-        own = method.client_start(after_two, client)
-        for layer in LAYERS:
-            assert torch.equal(own.factors[layer]["B"], update.factors[layer]["B"])
-            assert torch.equal(own.factors[layer]["A"], after_two.factors[layer]["A"])  # A is shared
-        assert torch.equal(own.head["w"], torch.full((3,), float(client)))
-    assert torch.equal(method.client_start(after_two, 0).factors["l0"]["B"], second[0].factors["l0"]["B"])
-    assert set(method.personal_states(after_two)) == {0, 1, 2}
+        torch.testing.assert_close(after.factors[layer]["A"].double(), a_bar, rtol=1e-6, atol=1e-6)
+        assert torch.equal(after.factors[layer]["B"], state.factors[layer]["B"])  # the server never saw B
+    assert torch.equal(after.head["w"], state.head["w"])
     assert all(k.endswith("lora_A") for k in method.uploaded(first[0]))  # B and head stay local
-    assert all(k.endswith("lora_A") for k in method.downloaded(after_two))
-    new_client = method.client_start(after_two, 9)  # never trained: starts from the initial B
-    assert torch.equal(new_client.factors["l0"]["B"], state.factors["l0"]["B"])
+    download = method.downloaded(after)
+    assert all(k.endswith("lora_A") for k in download)
+    for client, update in enumerate(first):  # round two: the shared A, the client's own B and head
+        own = replicas[client].start(ClientJob(client, 1, 0, mask, download=download), method)
+        for layer in LAYERS:
+            assert torch.equal(own.factors[layer]["A"], after.factors[layer]["A"])
+            assert torch.equal(own.factors[layer]["B"], update.factors[layer]["B"])
+        assert torch.equal(own.head["w"], torch.full((3,), float(client)))
+    view = method.evaluation_view(after, [r.own for r in replicas.values()] + [{}])  # one never trained
+    b_mean = sum(u.factors["l0"]["B"].double() for u in first) / 3
+    torch.testing.assert_close(view.factors["l0"]["B"].double(), b_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(view.head["w"], torch.full((3,), 1.0))
+    assert method.evaluation_view(after, None) is None  # a Flower server has no such view
 
 
 def test_flora_stacks_heterogeneous_ranks() -> None:
@@ -224,3 +232,12 @@ def test_flora_stacks_heterogeneous_ranks() -> None:
         sent = flora.uploaded(u)
         assert all(t.shape[0] == r for k, t in sent.items() if k.endswith("lora_A"))
         assert all(t.shape[1] == r for k, t in sent.items() if k.endswith("lora_B"))
+        assert all(torch.equal(t, u.tensors()[k]) for k, t in flora.restored(u.client_id, sent, state.tensors()).items())
+        received = flora.download_for(u.client_id, new.tensors())  # the fresh adapters, cut to the client's rank
+        assert all(t.shape[0] == r for k, t in received.items() if k.endswith("lora_A"))
+        assert all(torch.equal(t, new.residual[k.removesuffix(".residual")]) for k, t in received.items() if k.endswith("residual"))
+        held = Replica(state.tensors())
+        start = held.start(ClientJob(u.client_id, 1, 0, flora.plan(1, new), rank=r, download=received), flora)
+        for layer in LAYERS:
+            assert torch.equal(start.factors[layer]["A"][:r], new.factors[layer]["A"][:r])
+            assert not start.factors[layer]["A"][r:].any()  # the padding a rank-r client holds at zero

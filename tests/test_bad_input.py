@@ -143,18 +143,18 @@ def test_an_update_beyond_the_dp_norm_bound_is_rejected_and_charged(
     from aslora.experiment import run_experiment
 
     class Inflating(LocalEngine):
-        def train(self, starts, jobs, done):  # type: ignore[no-untyped-def]
-            results = super().train(starts, jobs, done)
-            for factors in results[0].factors.values():
+        def train(self, jobs, done):  # type: ignore[no-untyped-def]
+            deliveries = super().train(jobs, done)
+            for factors in deliveries[0].result.factors.values():
                 for name in factors:
                     factors[name] = factors[name] + 50.0
-            return results
+            return deliveries
 
     config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
         {"output_dir": str(tmp_path), "method": "ffa", "federation.rounds": 1}
     )
     with caplog.at_level("WARNING", logger="aslora.server"):
-        result = run_experiment(config, engine=lambda s: Inflating(s.view, s.shards, s.task.encode, s.local, s.task.loss))
+        result = run_experiment(config, engine=lambda s: s.local_engine(Inflating))
     (record,) = result.records
     assert any("beyond the" in r.message and "DP-SGD round allows" in r.message for r in caplog.records)
     assert record.rejected == record.clients[:1]
@@ -205,17 +205,17 @@ def test_a_client_that_under_reports_its_privacy_cost_is_rejected_and_charged_th
     from aslora.experiment import run_experiment
 
     class UnderReporting(LocalEngine):
-        def train(self, starts, jobs, done):  # type: ignore[no-untyped-def]
-            results = super().train(starts, jobs, done)
-            sigma, rate, _ = results[0].privacy_history[0]
-            results[0].privacy_history = [(sigma * 10, rate, 1)]  # claims far less than it spent
-            return results
+        def train(self, jobs, done):  # type: ignore[no-untyped-def]
+            deliveries = super().train(jobs, done)
+            sigma, rate, _ = deliveries[0].result.privacy_history[0]
+            deliveries[0].result.privacy_history = [(sigma * 10, rate, 1)]  # claims far less than it spent
+            return deliveries
 
     config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
         {"output_dir": str(tmp_path), "method": "ffa", "federation.rounds": 1}
     )
     with caplog.at_level("WARNING", logger="aslora.server"):
-        result = run_experiment(config, engine=lambda s: UnderReporting(s.view, s.shards, s.task.encode, s.local, s.task.loss))
+        result = run_experiment(config, engine=lambda s: s.local_engine(UnderReporting))
     (record,) = result.records
     assert any("reported privacy history" in r.message for r in caplog.records)
     assert record.rejected == record.clients[:1]
@@ -267,13 +267,16 @@ def test_a_client_that_failed_is_not_marked_synchronised(tmp_path: Path) -> None
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     healthy, faulty = rows(0.0), rows(0.3)
+    # Every client builds the seeded initial state itself: round 0's download is the job alone.
+    job_bytes = healthy[0]["bytes_down_per_client"]
     b_bytes, a_bytes = healthy[1]["bytes_down_per_client"], healthy[2]["bytes_down_per_client"]
-    assert b_bytes > 0 and a_bytes > 0
+    assert 0 < job_bytes < 0.5 * min(a_bytes, b_bytes)
     missed = set(faulty[1]["rejected"])  # dropped out of round 1; all 10 are sampled in round 2
     assert missed and faulty[1]["bytes_down_per_client"] == b_bytes
-    # (one safetensors header for A and B together instead of two: a few bytes less than the sum)
-    assert faulty[2]["bytes_down_per_client"] == pytest.approx(a_bytes + len(missed) * b_bytes / 10, rel=0.01)
-    assert faulty[2]["bytes_down_per_client"] > a_bytes + 0.9 * len(missed) * b_bytes / 10
+    # A and B travel in one message with one job header: B's tensors are added, not its header.
+    expected = a_bytes + len(missed) * (b_bytes - job_bytes) / 10
+    assert faulty[2]["bytes_down_per_client"] == pytest.approx(expected, rel=0.01)
+    assert faulty[2]["bytes_down_per_client"] > a_bytes + 0.9 * len(missed) * (b_bytes - job_bytes) / 10
 
 
 def test_a_run_directory_that_cannot_be_written_mid_run_gets_one_line_and_resumes(

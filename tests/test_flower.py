@@ -213,7 +213,9 @@ def test_missing_supernodes_are_named_with_the_fix(
         return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst_node_id))
 
     monkeypatch.setattr(flower, "Message", message)
-    setup = SimpleNamespace(config=tiny_config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 4)
+    setup = SimpleNamespace(
+        config=tiny_config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 4, initial=SimpleNamespace(tensors=dict)
+    )
     engine = flower.FlowerEngine(_TwoNodeGrid(), context=None, setup=setup, wait_s=0.3)
     with caplog.at_level("WARNING"):
         assert engine._node_of(1) == 101

@@ -65,14 +65,15 @@ def test_a_client_rejects_its_own_bad_update_and_is_charged(tmp_path: Path, dp: 
     view = setup.view
     start = GlobalState(factors=view.get_factors(), head=view.get_head(), scaling={})
     job = ClientJob(0, 0, 7, method.plan(0, start), statistics=method.statistics)
-    (update,) = setup.local_engine().train([start], [job], lambda _: None)
-    good = compat.recorddict_to_fitres(encode_secure_update(update, start, job, setup), keep_input=True)
+    (delivery,) = setup.local_engine().train([job], lambda _: None)
+    update = delivery.result
+    good = compat.recorddict_to_fitres(encode_secure_update(update, start, job, setup, method), keep_input=True)
     assert good.num_examples == setup.sizes[0] and not json.loads(good.metrics["meta"])["rejected"]
 
     layer, factors = next(iter(update.factors.items()))
     factor = next(iter(factors))
     update.factors[layer][factor] = torch.full_like(factors[factor], 9.0)
-    bad = compat.recorddict_to_fitres(encode_secure_update(update, start, job, setup), keep_input=True)
+    bad = compat.recorddict_to_fitres(encode_secure_update(update, start, job, setup, method), keep_input=True)
     meta = json.loads(bad.metrics["meta"])
     assert bad.num_examples == 0
     assert all(not np.any(a) for a in parameters_to_ndarrays(bad.parameters))
@@ -83,14 +84,15 @@ def test_a_client_rejects_its_own_bad_update_and_is_charged(tmp_path: Path, dp: 
 class _FirstClientRejects(LocalEngine):
     """The local engine, but the round's first client reports its update unusable after training."""
 
-    def train(self, starts, jobs, done):  # type: ignore[no-untyped-def]
-        results = super().train(starts, jobs, done)
-        return [RejectedAfterTraining("its values are out of range"), *results[1:]]
+    def train(self, jobs, done):  # type: ignore[no-untyped-def]
+        deliveries = super().train(jobs, done)
+        deliveries[0].result = RejectedAfterTraining("its values are out of range")
+        return deliveries
 
 
 def test_a_client_rejected_after_training_is_charged_its_round(tmp_path: Path) -> None:
     config = _synthetic(tmp_path)
-    result = run_experiment(config, engine=lambda s: _FirstClientRejects(s.view, s.shards, s.task.encode, s.local, s.task.loss))
+    result = run_experiment(config, engine=lambda s: s.local_engine(_FirstClientRejects))
     (record,) = result.records
     assert record.rejected == record.clients[:1]
     histories = dict(load_checkpoint(result.directory).server["histories"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class Checkpoint:
     config: dict[str, Any] | None = None  # the resolved config it ran with (None: an older checkpoint)
     wall_s: float = 0.0  # wall time of every segment of the run so far (resumes add up)
     privacy: dict[str, Any] | None = None  # the privacy plan: sigma per segment, planned steps and epsilon
+    # What simulated clients keep for themselves (a personalised method's tensors), by client.
+    clients: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class CheckpointError(ValueError):
@@ -76,6 +78,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         "config": checkpoint.config,
         "wall_s": checkpoint.wall_s,
         "privacy": checkpoint.privacy,
+        "clients": _split([[c, kept] for c, kept in checkpoint.clients.items()], "clients", tensors),
     }
     tensor_file = f"checkpoint-{checkpoint.rounds_done:05d}.safetensors"
     save_file(tensors, str(directory / tensor_file))
@@ -109,9 +112,10 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         saved = _join(body["state"], tensors)
         flat = GlobalState.from_tensors(saved["tensors"])
         state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
+        clients = {int(c): kept for c, kept in _join(body.get("clients", []), tensors)}
         return Checkpoint(
             body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config"),
-            body.get("wall_s", 0.0), body.get("privacy"),
+            body.get("wall_s", 0.0), body.get("privacy"), clients,
         )
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         raise CheckpointError(

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from rich.progress import Progress
 from torch.utils.data import TensorDataset
@@ -207,14 +206,20 @@ class Setup:
     privacy: PrivacyPlan
     view: LoraView
     local: LocalSettings
+    initial: GlobalState  # the seeded initial state, which the server and every client build for themselves
     probe: datasets.Dataset | None = None  # the server's probe set (data.probe_size), set apart before partitioning
+
 
     @property
     def sizes(self) -> list[int]:
         return [len(s) for s in self.shards]
 
-    def local_engine(self) -> LocalEngine:
-        return LocalEngine(self.view, self.shards, self.task.encode_train, self.local, self.task.loss)
+    def local_engine(self, kind: type[LocalEngine] = LocalEngine) -> LocalEngine:
+        """This run's in-process engine (`kind`: a subclass of it, as tests use)."""
+        return kind(
+            self.view, self.task, self.shards, self.held_out, self.local, self.method(), self.initial.tensors(),
+            self.config.optim.eval_batch_size,
+        )
 
     def method(self) -> Method:
         return get_method(self.config.method, method_context(self.config, self.privacy))
@@ -273,7 +278,10 @@ def prepare(config: ExperimentConfig) -> Setup:
     local = replace(local, dp=DPSettings(privacy.enabled, privacy.noise_multiplier, config.privacy.clip))
     view = LoraView(task.build_model(config))
     check_rank(view, config.lora.r)
-    return Setup(config, task, shards, held_out, privacy, view, local, probe)
+    initial = GlobalState(
+        factors=view.get_factors(), head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers}
+    )
+    return Setup(config, task, shards, held_out, privacy, view, local, initial, probe)
 
 
 def check_rank(view: LoraView, rank: int) -> None:
@@ -391,16 +399,20 @@ def _run_experiment(
     privacy = setup.privacy
     log.info("noise multiplier %.4f for epsilon %s over %d steps", privacy.noise_multiplier, privacy.planned_epsilon, privacy.planned_steps)
     method = setup.method()
-    evaluator = Evaluator(setup, method)
-    federation = _federation(setup, method, engine(setup), evaluator)
+    evaluator = Evaluator(setup)
+    runner = engine(setup)
+    federation = _federation(setup, method, runner, evaluator)
     run_dir = _run_directory(setup, resume, extend_to)
     if checkpoint is not None:
         federation.state = checkpoint.state
         federation.restore(checkpoint.server)
+        if checkpoint.clients:
+            runner.restore_kept(checkpoint.clients)
         initial = checkpoint.initial_metrics
         log.info("resuming %s after round %d", run_dir.path, checkpoint.rounds_done)
     else:
-        initial = evaluator.evaluate(federation.state)
+        view = federation.evaluation_state()
+        initial = evaluator.evaluate(view) if view is not None else {}
     first_round = checkpoint.rounds_done if checkpoint is not None else 0
     earlier_s = checkpoint.wall_s if checkpoint is not None else 0.0  # the segments before a resume
 
@@ -408,14 +420,15 @@ def _run_experiment(
         save_checkpoint(
             run_dir.path,
             Checkpoint(rounds_done, federation.state, federation.snapshot(), initial, config.model_dump(mode="json"),
-                       earlier_s + time.perf_counter() - started, privacy.record()),
+                       earlier_s + time.perf_counter() - started, privacy.record(), _kept(runner, method)),
         )
 
     records = run_dir.records(first_round)
     stopped = _run_rounds(federation, config, first_round, records, run_dir, save, progress)
-    setup.view.set_factors(federation.state.factors)
-    setup.view.set_head(federation.state.head)
-    run_dir.export_adapter(setup.view, federation.state.residual)
+    final = federation.evaluation_state() or federation.state
+    setup.view.set_factors(final.factors)
+    setup.view.set_head(final.head)
+    run_dir.export_adapter(setup.view, final.residual)
     wall_s = earlier_s + time.perf_counter() - started
     summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped)
     run_dir.plot(records, config)
@@ -436,14 +449,13 @@ def _checked_resume(
 
 
 class Evaluator:
-    """The run's evaluations of a global state: dev (and extra) splits, FedSA's personal models on
-    their held-out splits, and the probe loss of the selection diagnostics."""
+    """The run's evaluations of a global state: dev (and extra) splits, and the probe loss of the
+    selection diagnostics (a personalised method's clients score their own models themselves)."""
 
-    def __init__(self, setup: Setup, method: Method) -> None:
-        self.setup, self.method, task = setup, method, setup.task
+    def __init__(self, setup: Setup) -> None:
+        self.setup, task = setup, setup.task
         self.eval_sets = {"": task.encode(task.eval)}
         self.eval_sets.update({f"{name}_": task.encode(split) for name, split in task.extra_evals.items()})
-        self.held_out_data: dict[int, TensorDataset] = {}
         self.probe_data = task.encode_train(setup.probe) if setup.probe is not None else None
 
     def _load(self, state: GlobalState) -> torch.nn.Module:
@@ -461,41 +473,32 @@ class Evaluator:
         return mean_loss(self.setup.task.loss, self._load(state), self.probe_data, self.setup.config.optim.eval_batch_size)
 
     def evaluate(self, state: GlobalState) -> dict[str, float]:
-        """The global model on the dev split; personalised models (FedSA) on their held-out splits."""
-        metrics = {
+        """The model on the dev split (and the task's extra evaluation splits)."""
+        return {
             prefix + name: value
             for prefix, data in self.eval_sets.items()
             for name, value in self._metrics(state, data).items()
         }
-        personal, held_out = self.method.personal_states(state), self.setup.held_out
-        if personal and held_out:
-            split_sizes, values = [], []
-            for client, own in sorted(personal.items()):
-                data = self.held_out_data.setdefault(client, self.setup.task.encode(held_out[client]))
-                split_sizes.append(len(data))
-                values.append(self._metrics(own, data))
-            for name in values[0]:
-                metrics[f"personal_{name}"] = float(np.average([v[name] for v in values], weights=split_sizes))
-        return metrics
+
+
+def _kept(runner: Engine, method: Method) -> dict[int, dict[str, torch.Tensor]]:
+    """What a checkpoint keeps of the clients' own tensors: a simulation's stand-in for their disks
+    (a personalised method's; over Flower they stay on the SuperNodes, out of the server's sight)."""
+    return (runner.kept_by_clients() or {}) if method.personalised else {}
 
 
 def _federation(setup: Setup, method: Method, runner: Engine, evaluator: Evaluator) -> Federation:
     """The server of this run, at the initial global state, over `runner`."""
-    config, view, fed = setup.config, setup.view, setup.config.federation
+    config, fed = setup.config, setup.config.federation
     if fed.secure_aggregation and not runner.secure_aggregation:
         raise ConfigError(
             "federation.secure_aggregation runs Flower's SecAgg+ between client processes: use "
             "`aslora run --engine flower` or `flwr run .`, or set secure_aggregation = false"
         )
-    state = GlobalState(
-        factors=view.get_factors(),
-        head=view.get_head(),
-        scaling={layer: view.scaling(layer) for layer in view.layers},
-    )
     return Federation(
         method=method,
         engine=runner,
-        state=state,
+        state=setup.initial,
         client_sizes=setup.sizes,
         settings=ServerSettings(
             rounds=fed.rounds,

@@ -10,20 +10,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from aslora.client import LocalSettings
 from aslora.diagnostics import ProbeLoss, realised_decrease
 from aslora.methods.base import Method, aggregation_error, weighted_mean
 from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import restore_accountant, spent_epsilon
-from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
+from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, Mask
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,17 @@ class Engine(Protocol):
     # updates (Method.weight), not the client's own tensors.
     secure_aggregation: bool
 
-    def train(
-        self, starts: Sequence[GlobalState], jobs: Sequence[ClientJob], done: Callable[[int], None]
-    ) -> list[ClientUpdate | Exception]:
-        """Train each job from its start state (the global one, or the client's own)."""
+    def train(self, jobs: Sequence[ClientJob], done: Callable[[int], None]) -> list[Delivery]:
+        """Send each job (its download included) to its client; each client trains from its own
+        replica; return what came back and the bytes each way, as sent."""
+        ...
+
+    def kept_by_clients(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        """What each client keeps for itself, where this engine can see it (a simulation); else None."""
+        ...
+
+    def restore_kept(self, kept: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Resume: hand the clients back what a checkpoint kept of their own tensors."""
         ...
 
 
@@ -108,22 +114,6 @@ class RoundRecord:
         return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
 
 
-def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Size of a payload as it would travel: serialised with safetensors."""
-    return len(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})) if tensors else 0
-
-
-def upload(method: Method, update: ClientUpdate) -> dict[str, torch.Tensor]:
-    """What a client sends: what the method uploads, and its score statistics."""
-    payload = method.uploaded(update)
-    for layer, factors in update.stats.items():
-        payload[f"{layer}.stats"] = torch.tensor(
-            [v for f in sorted(factors) for _, v in sorted(factors[f].items())],
-            dtype=torch.float32,
-        )
-    return payload
-
-
 def misreported_cost(reported: Sequence[tuple[float, float, int]], planned: Sequence[tuple[float, float, int]]) -> str | None:
     """Why a client's own privacy history contradicts the job it was sent, or None if it agrees.
 
@@ -143,30 +133,35 @@ def misreported_cost(reported: Sequence[tuple[float, float, int]], planned: Sequ
             f"(sigma, sample rate, steps) {list(planned)}; the planned cost is charged")
 
 
+def expected_names(state: GlobalState, mask: Mask, train_head: bool, method: Method | None = None, client: int = -1) -> set[str]:
+    """The tensors a sound update of this job holds: all it trained, or with `method` what its
+    upload keeps of them (FedSA-LoRA: A alone)."""
+    trained = {layer: {f: state.factors[layer][f] for f in fs} for layer, fs in mask.items() if fs}
+    template = ClientUpdate(client, 1, trained, dict(state.head) if train_head else {}, 0.0, 0)
+    return set(method.uploaded(template) if method is not None else template.tensors())
+
+
 def validate_update(
-    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
+    update: ClientUpdate, state: GlobalState, mask: Mask, expected: set[str], statistics: str | None = None
 ) -> str | None:
     """Why an update must not be averaged in, or None if it is sound."""
-    return layout_problem(update, state, mask, train_head, statistics) or value_problem(update)
+    return layout_problem(update, state, mask, expected, statistics) or value_problem(update)
 
 
 def layout_problem(
-    update: ClientUpdate, state: GlobalState, mask: Mask, train_head: bool, statistics: str | None = None
+    update: ClientUpdate, state: GlobalState, mask: Mask, expected: set[str], statistics: str | None = None
 ) -> str | None:
-    """Whether the update holds what the round trained, named, shaped and typed as the model's."""
-    expected = {layer: set(fs) for layer, fs in mask.items() if fs}
-    got = {layer: set(fs) for layer, fs in update.factors.items()}
-    if got != expected:
-        return "its factors are not the ones the round trained"
-    if train_head and set(update.head) != set(state.head):
-        return "its head parameters do not match the model's"
+    """Whether the update holds the tensors `expected` of the round, named, shaped and typed as the model's."""
+    tensors = update.tensors()
+    if set(tensors) != expected:
+        return "its tensors are not the ones the round trained"
     if update.n_examples <= 0:
         return "it reports no training examples"
-    expected = statistics_kind(statistics).covers(list(state.factors), mask)
-    if {layer: set(fs) for layer, fs in update.stats.items()} != expected:
+    covered = statistics_kind(statistics).covers(list(state.factors), mask)
+    if {layer: set(fs) for layer, fs in update.stats.items()} != covered:
         return "its score statistics do not cover the expected layers and factors"
     reference = state.tensors()
-    for name, tensor in update.tensors().items():
+    for name, tensor in tensors.items():
         if tensor.shape != reference[name].shape or tensor.dtype != reference[name].dtype:
             return f"{name} has shape {tuple(tensor.shape)}/{tensor.dtype}, expected {tuple(reference[name].shape)}"
     return None
@@ -215,6 +210,8 @@ class Trial:
     aggregation_s: float = 0.0
     server_s: float = 0.0  # the server's checks and aggregation of this trial
     answered: set[int] = field(default_factory=set)  # clients known to hold this round's download
+    bytes_down: dict[int, int] = field(default_factory=dict)  # per client, as its engine sent them
+    bytes_up: dict[int, int] = field(default_factory=dict)  # per client whose reply came back
 
 
 class Federation:
@@ -241,20 +238,23 @@ class Federation:
         self.probe = probe
         self.histories: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(self.sizes))}
         self._version: dict[str, int] = dict.fromkeys(method.downloaded(state), 0)
-        self._seen: dict[int, dict[str, int]] = {i: {} for i in range(len(self.sizes))}
+        # Every client builds the seeded initial state itself: it holds version 0 of each tensor.
+        self._initial = dict(self._version)
+        self._seen: dict[int, dict[str, int]] = {i: dict(self._initial) for i in range(len(self.sizes))}
 
     def snapshot(self) -> dict[str, Any]:
-        """The bookkeeping a checkpoint must keep: privacy histories and what each client holds."""
+        """The bookkeeping a checkpoint must keep: privacy histories and the tensors' versions."""
         return {
             "histories": [[c, [list(h) for h in hist]] for c, hist in self.histories.items()],
             "versions": dict(self._version),
-            "seen": [[c, dict(v)] for c, v in self._seen.items()],
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
+        """Resume: the clients restart too, holding the seeded initial state, so the next download
+        carries everything that changed since."""
         self.histories = {int(c): [tuple(h) for h in hist] for c, hist in snapshot["histories"]}
         self._version = dict(snapshot["versions"])
-        self._seen = {int(c): dict(v) for c, v in snapshot["seen"]}
+        self._seen = {c: dict(self._initial) for c in self._seen}
 
     # privacy -----------------------------------------------------------------
     def epsilon(self, client: int, extra_round: bool = False) -> float:
@@ -290,10 +290,11 @@ class Federation:
         return [(local.dp.noise_multiplier, local.rate(self.sizes[client]), local.steps)]
 
     def _download(self, client: int) -> dict[str, torch.Tensor]:
-        """What the client must receive: every tensor that changed since it last synced."""
+        """What the client must receive: every tensor that changed since it last synced, cut to
+        what it needs (`Method.download_for`)."""
         current = self.method.downloaded(self.state)
         seen = self._seen[client]
-        return {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]}
+        return self.method.download_for(client, {k: t for k, t in current.items() if seen.get(k, 0) != self._version[k]})
 
     def run_round(self, round_index: int, done: Callable[[int], None] = lambda _: None) -> RoundRecord | None:
         """Sample, plan, train (once, or once per trial of a lookahead oracle), aggregate, record."""
@@ -305,10 +306,10 @@ class Federation:
         clients = self.sample(round_index, eligible)
         faults = self.faults(round_index, clients)
         masks = self._masks(round_index)
-        downloads = [self._download(c) for c in clients]
+        downloads = {c: self._download(c) for c in clients}
         sent_version = dict(self._version)
         planning_s = time.perf_counter() - started
-        trials = [self._trial(round_index, clients, mask, faults, done) for mask in masks]
+        trials = [self._trial(round_index, clients, mask, faults, downloads, done) for mask in masks]
         self._mark_synchronised(trials, sent_version)
         received = time.perf_counter()
         first = trials[0]
@@ -320,7 +321,7 @@ class Federation:
                 "model is unchanged", round_index, min(len(t.accepted) for t in trials), self.settings.min_clients,
             )
             times = RoundTimes(0.0, planning_s + checks_s + time.perf_counter() - received, clients_s)
-            return self._record(round_index, clients, first.rejected, first.mask, [], times, None, downloads)
+            return self._record(round_index, clients, first.rejected, first.mask, [], times, None, trials)
         new_state, mask = self._outcome(trials)
         aggregated = time.perf_counter()
         errors = self._aggregation_error(trials, new_state)
@@ -328,7 +329,7 @@ class Federation:
         diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
         self.state = new_state
-        record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, downloads)
+        record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, trials)
         record.diagnostics = diagnostics
         return record
 
@@ -371,10 +372,11 @@ class Federation:
 
     def _trial(
         self, round_index: int, clients: list[int], mask: Mask, faults: tuple[set[int], set[int]],
-        done: Callable[[int], None],
+        downloads: dict[int, dict[str, torch.Tensor]], done: Callable[[int], None],
     ) -> Trial:
         """The sampled clients train `mask`; the sound updates are averaged into a candidate state."""
         failing, late = faults
+        evaluate = self.method.personalised and self._evaluates(round_index)
         jobs = [
             ClientJob(
                 client_id=c,
@@ -384,20 +386,27 @@ class Federation:
                 statistics=self.method.statistics,
                 rank=self.method.client_rank(c),
                 fail=c in failing,
+                download=downloads[c],
+                evaluate=evaluate,
             )
             for c in clients
         ]
-        starts = [self.method.client_start(self.state, c) for c in clients]
-        results = self.engine.train(starts, jobs, done)
+        deliveries = self.engine.train(jobs, done)
         received = time.perf_counter()
-        accepted, rejected = self._accept(round_index, jobs, starts, results, mask, late)
+        results = [d.result for d in deliveries]
+        traffic = {
+            "bytes_down": {j.client_id: d.bytes_down for j, d in zip(jobs, deliveries, strict=True)},
+            "bytes_up": {j.client_id: d.bytes_up for j, d in zip(jobs, deliveries, strict=True) if d.bytes_up},
+        }
+        accepted, rejected = self._accept(round_index, jobs, results, mask, late)
         clients_s = sum(r.train_time_s for r in results if isinstance(r, ClientUpdate))
         answered = {
             job.client_id for job, r in zip(jobs, results, strict=True)
             if isinstance(r, ClientUpdate) or (isinstance(r, RejectedAfterTraining) and not isinstance(r, NoAnswer))
         }
         if len(accepted) < self.settings.min_clients:
-            return Trial(mask, accepted, rejected, clients_s, server_s=time.perf_counter() - received, answered=answered)
+            return Trial(mask, accepted, rejected, clients_s, server_s=time.perf_counter() - received, answered=answered,
+                         **traffic)
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         state = self.method.aggregate(self.state, accepted, weights)
@@ -405,15 +414,16 @@ class Federation:
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             state = state.evolve(head=head)
         done_at = time.perf_counter()
-        return Trial(mask, accepted, rejected, clients_s, weights, state, done_at - start, done_at - received, answered)
+        return Trial(mask, accepted, rejected, clients_s, weights, state, done_at - start, done_at - received, answered,
+                     **traffic)
 
     def _accept(
-        self, round_index: int, jobs: list[ClientJob], starts: list[GlobalState],
-        results: list[ClientUpdate | Exception], mask: Mask, late: set[int],
+        self, round_index: int, jobs: list[ClientJob], results: list[ClientUpdate | Exception], mask: Mask,
+        late: set[int],
     ) -> tuple[list[ClientUpdate], list[int]]:
         """The sound updates, and the clients rejected (logged); every client that trained is charged."""
         accepted, rejected = [], []
-        for job, start, result in zip(jobs, starts, results, strict=True):
+        for job, result in zip(jobs, results, strict=True):
             if isinstance(result, RejectedAfterTraining):
                 reason = str(result)
             elif isinstance(result, Exception):
@@ -421,9 +431,10 @@ class Federation:
             elif job.client_id in late:
                 reason = "its update arrived after the round's deadline (simulated straggler)"
             else:
-                reason = validate_update(result, self.state, mask, self.train_head, self.method.statistics)
+                expected = expected_names(self.state, mask, self.train_head, self.method, job.client_id)
+                reason = validate_update(result, self.state, mask, expected, self.method.statistics)
                 if reason is None and not self.settings.secure_aggregation:
-                    reason = moved_too_far(result, start, self.settings.local, self.sizes[job.client_id])
+                    reason = moved_too_far(result, self.state, self.settings.local, self.sizes[job.client_id])
                 if reason is None and self.settings.dp_enabled:
                     reason = misreported_cost(result.privacy_history, self._round_cost(job.client_id))
             if reason is None:
@@ -453,14 +464,14 @@ class Federation:
         accepted: list[ClientUpdate],
         times: RoundTimes,
         errors: dict[str, float] | None,
-        downloads: list[dict[str, torch.Tensor]],
+        trials: Sequence[Trial],
     ) -> RoundRecord:
-        ups = [payload_bytes(upload(self.method, u)) for u in accepted]
-        downs = [payload_bytes(d) for d in downloads]
+        # Measured by the engines: every trial's download, and the replies of the updates kept.
+        ups = [trials[0].bytes_up.get(u.client_id, 0) for u in accepted]
+        downs = [sum(t.bytes_down.get(c, 0) for t in trials) for c in clients]
         losses = [u.loss for u in accepted if not math.isnan(u.loss)]
         settings = self.settings
-        last = round_index == settings.rounds - 1
-        metrics = self.evaluate(self.state) if last or (round_index + 1) % settings.eval_every == 0 else {}
+        metrics = self._metrics(accepted) if self._evaluates(round_index) else {}
         return RoundRecord(
             round=round_index,
             clients=clients,
@@ -480,6 +491,30 @@ class Federation:
             metrics=metrics,
             selection=self.method.describe(self.state) if accepted else {},
         )
+
+    def _evaluates(self, round_index: int) -> bool:
+        return round_index == self.settings.rounds - 1 or (round_index + 1) % self.settings.eval_every == 0
+
+    def evaluation_state(self) -> GlobalState | None:
+        """The model the dev split scores (`Method.evaluation_view`); None where there is none."""
+        return self.method.evaluation_view(self.state, self._kept())
+
+    def _kept(self) -> list[dict[str, torch.Tensor]] | None:
+        kept = self.engine.kept_by_clients()
+        return None if kept is None else [kept[c] for c in sorted(kept)]
+
+    def _metrics(self, accepted: Sequence[ClientUpdate]) -> dict[str, float]:
+        """The dev figures of the evaluation state, and a personalised method's `personal_*` figures:
+        the mean over this round's clients of their own models on their held-out splits, weighted
+        by those splits' sizes, as each client measured it after training."""
+        view = self.evaluation_state()
+        metrics = self.evaluate(view) if view is not None else {}
+        own = [u.personal_metrics for u in accepted if u.personal_metrics]
+        if own:
+            sizes = [m["n"] for m in own]
+            for name in (k for k in own[0] if k != "n"):
+                metrics[f"personal_{name}"] = float(np.average([m[name] for m in own], weights=sizes))
+        return metrics
 
 def _job_seed(seed: int, round_index: int, client: int) -> int:
     """A distinct, reproducible seed for each (run, round, client)."""

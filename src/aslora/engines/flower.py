@@ -2,11 +2,13 @@
 
 Nothing method-specific lives here. The server's `Federation` hands each
 round's jobs to `FlowerEngine`, which sends every job to the SuperNode holding
-that client's partition (its `partition-id`) as a Flower Message: the start
-state as an ArrayRecord, the job and the resolved config as a ConfigRecord.
-The ClientApp rebuilds the run's setup from that config (cached per process),
-trains with `train_client`, and replies with the trained tensors (ArrayRecord)
-and the rest of the update (ConfigRecord).
+that client's partition (its `partition-id`) as a Flower Message: the job
+with its download (what changed since the client last synchronised) as one
+`pack`ed blob, beside the resolved config, in a ConfigRecord. The ClientApp
+rebuilds the run's setup from that config (cached per process), builds its
+start from its replica (kept in the SuperNode's `context.state` between
+rounds), trains with `train_client`, and replies with what its method uploads,
+packed the same way. The bytes recorded are the lengths of those blobs.
 
 With federation.secure_aggregation the trained tensors and score statistics
 are summed under Flower's SecAgg+ instead (`secagg.py`): the server receives
@@ -27,19 +29,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
+from aslora import replica
 from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
-from aslora.protocol import ClientJob, ClientUpdate, GlobalState
+from aslora.methods.base import Method
+from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, pack, unpack
+from aslora.replica import Replica
 from aslora.server import (
     NoAnswer,
     RejectedAfterTraining,
+    expected_names,
     layout_problem,
     moved_too_far,
     value_problem,
@@ -47,84 +51,20 @@ from aslora.server import (
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "ASLORA_FLOWER_CONFIG"  # path of the experiment TOML the ServerApp runs
-
-
-def encode_state(state: GlobalState) -> ArrayRecord:
-    return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in state.tensors().items()})
-
-
-def decode_state(record: ArrayRecord) -> GlobalState:
-    return GlobalState.from_tensors(record.to_torch_state_dict())
+REPLICA = "aslora-replica"  # where a SuperNode keeps its replica in its context.state
 
 
 def encode_job(job: ClientJob, config: ExperimentConfig) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "config": config.model_dump_json(),
-            "job": json.dumps(
-                {
-                    "client_id": job.client_id,
-                    "round_index": job.round_index,
-                    "seed": job.seed,
-                    "mask": {layer: list(fs) for layer, fs in job.mask.items()},
-                    "statistics": job.statistics,
-                    "rank": job.rank,
-                    "fail": job.fail,
-                }
-            ),
-        }
-    )
+    """A train message's content: the packed job (its download included) and the run's config."""
+    return ConfigRecord({"config": config.model_dump_json(), "job": replica.encode_job(job)})
 
 
 def decode_job(record: Mapping[str, Any]) -> tuple[ClientJob, ExperimentConfig]:
-    raw = json.loads(str(record["job"]))
-    raw["mask"] = {layer: tuple(fs) for layer, fs in raw["mask"].items()}
-    return ClientJob(**raw), parse_config(json.loads(str(record["config"])))
-
-
-def _meta(update: ClientUpdate) -> dict[str, Any]:
-    """What an update says about itself, besides its tensors."""
-    return {
-        "client_id": update.client_id,
-        "n_examples": update.n_examples,
-        "loss": update.loss,
-        "examples_seen": update.examples_seen,
-        "privacy_history": update.privacy_history,
-        "train_time_s": update.train_time_s,
-    }
-
-
-def _from_meta(meta: Mapping[str, Any], trained: GlobalState, stats: dict[str, Any]) -> ClientUpdate:
-    return ClientUpdate(
-        client_id=int(meta["client_id"]),
-        n_examples=int(meta["n_examples"]),
-        factors=trained.factors,
-        head=trained.head,
-        loss=float(meta["loss"]),
-        examples_seen=int(meta["examples_seen"]),
-        privacy_history=[tuple(h) for h in meta["privacy_history"]],
-        stats=stats,
-        train_time_s=float(meta["train_time_s"]),
-    )
-
-
-def encode_update(update: ClientUpdate) -> RecordDict:
-    tensors = update.tensors()
-    return RecordDict(
-        {
-            "update": ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in tensors.items()}),
-            "meta": ConfigRecord({"json": json.dumps(_meta(update) | {"stats": update.stats})}),
-        }
-    )
-
-
-def decode_update(content: RecordDict) -> ClientUpdate:
-    meta = json.loads(str(content["meta"]["json"]))
-    return _from_meta(meta, GlobalState.from_tensors(content["update"].to_torch_state_dict()), meta["stats"])
+    return replica.decode_job(bytes(record["job"])), parse_config(json.loads(str(record["config"])))
 
 
 def encode_secure_update(
-    update: ClientUpdate, start: GlobalState, job: ClientJob, setup: Setup
+    update: ClientUpdate, start: GlobalState, job: ClientJob, setup: Setup, method: Method
 ) -> RecordDict:
     """The client's SecAgg+ answer: its checked tensors and statistics, masked, with its weight.
 
@@ -132,10 +72,10 @@ def encode_secure_update(
     clear (it trained: the server charges its privacy cost); a malformed one, which
     only a bug makes, is raised, so the client leaves the round.
     """
-    problem = layout_problem(update, start, job.mask, setup.local.train_head, job.statistics)
+    expected = expected_names(start, job.mask, setup.local.train_head)
+    problem = layout_problem(update, start, job.mask, expected, job.statistics)
     if problem is not None:
         raise ValueError(f"client {update.client_id} built a malformed update: {problem}")
-    method = setup.method()
     tensors = method.uploaded(update)
     names = sorted(tensors)
     arrays = [tensors[name].double().numpy() for name in names]
@@ -151,7 +91,7 @@ def encode_secure_update(
     )
     layout, values = _flatten_stats(update.stats)
     arrays.append(secagg.ladder_encode(np.array(values, dtype=np.float64), bound))
-    meta = _meta(update) | {
+    meta = replica.reply_header(update) | {
         "names": names,
         "dtypes": [str(tensors[name].dtype).removeprefix("torch.") for name in names],
         "stats": layout,
@@ -172,7 +112,7 @@ def decode_secure_update(meta: Mapping[str, Any], mean: Sequence[np.ndarray]) ->
         for name, dtype, array in zip(meta["names"], meta["dtypes"], arrays, strict=True)
     }
     values = secagg.ladder_decode(stats).tolist()
-    return _from_meta(meta, GlobalState.from_tensors(tensors), _unflatten_stats(meta["stats"], values))
+    return replica.update_from_header(meta, GlobalState.from_tensors(tensors), _unflatten_stats(meta["stats"], values))
 
 
 def _flatten_stats(stats: Mapping[str, Mapping[str, Mapping[str, float]]]) -> tuple[dict[str, Any], list[float]]:
@@ -196,8 +136,9 @@ class FlowerEngine:
         self.config = setup.config
         self.wait_s = wait_s
         self.secure_aggregation = setup.config.federation.secure_aggregation
-        method = setup.method()
-        self.max_weight = max(method.weight(n) for n in setup.sizes)  # SecAgg+ scales weights by it
+        self.method = setup.method()
+        self.like = setup.initial.tensors()  # the model's shapes, for uploads cut below them
+        self.max_weight = max(self.method.weight(n) for n in setup.sizes)  # SecAgg+ scales weights by it
         self._nodes: dict[int, int] = {}  # client (partition) id -> node id
 
     def _node_of(self, client: int) -> int:
@@ -217,65 +158,73 @@ class FlowerEngine:
                 )
             queries = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
             for reply in self.grid.send_and_receive(queries, timeout=self.wait_s):
-                if not reply.has_error():
+                if reply.has_error():
+                    log.warning("SuperNode %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                                reply.error.reason)
+                else:
                     self._nodes[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
         if client not in self._nodes:
             raise LookupError(f"no SuperNode holds partition {client}; start one with partition-id={client}")
         return self._nodes[client]
 
-    def train(
-        self, starts: Sequence[GlobalState], jobs: Sequence[ClientJob], done: Callable[[int], None]
-    ) -> list[ClientUpdate | Exception]:
+    def train(self, jobs: Sequence[ClientJob], done: Callable[[int], None]) -> list[Delivery]:
         results: dict[int, ClientUpdate | Exception] = {}
-        sent: dict[int, tuple[GlobalState, ClientJob]] = {}  # node id -> what it trains
-        for state, job in zip(starts, jobs, strict=True):
+        sent: dict[int, tuple[ConfigRecord, ClientJob]] = {}  # node id -> the message content, the job
+        for job in jobs:
             try:
-                sent[self._node_of(job.client_id)] = (state, job)
+                sent[self._node_of(job.client_id)] = (encode_job(job, self.config), job)
             except LookupError as exc:
                 results[job.client_id] = exc
         replies = self._train_secure(sent) if self.secure_aggregation else self._train_plain(sent)
-        for node, reply in replies.items():
-            results[sent[node][1].client_id] = reply
-            done(sent[node][1].client_id)
+        received: dict[int, int] = {}  # client -> bytes of its reply
+        for node, (reply, size) in replies.items():
+            client = sent[node][1].client_id
+            results[client], received[client] = reply, size
+            done(client)
         timeout = self.config.federation.round_timeout_s
+        down = {job.client_id: len(bytes(record["job"])) for record, job in sent.values()}
         return [
-            results.get(j.client_id, NoAnswer(f"client {j.client_id} did not answer within federation.round_timeout_s={timeout:g}"))
+            Delivery(
+                results.get(j.client_id, NoAnswer(f"client {j.client_id} did not answer within federation.round_timeout_s={timeout:g}")),
+                down.get(j.client_id, 0), received.get(j.client_id, 0),
+            )
             for j in jobs
         ]
 
-    def _train_plain(self, sent: Mapping[int, tuple[GlobalState, ClientJob]]) -> dict[int, ClientUpdate | Exception]:
+    def kept_by_clients(self) -> None:
+        """The clients' own tensors stay on their SuperNodes: the server cannot see them."""
+
+    def restore_kept(self, kept: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        raise RuntimeError("a Flower server cannot hand clients their own tensors: they live on the SuperNodes")
+
+    def _train_plain(self, sent: Mapping[int, tuple[ConfigRecord, ClientJob]]) -> dict[int, tuple[ClientUpdate | Exception, int]]:
         messages = [
-            Message(
-                RecordDict({"state": encode_state(state), "job": encode_job(job, self.config)}),
-                dst_node_id=node,
-                message_type="train",
-            )
-            for node, (state, job) in sent.items()
+            Message(RecordDict({"job": record}), dst_node_id=node, message_type="train")
+            for node, (record, _) in sent.items()
         ]
         received = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
         # Pushing gave each message its id. A reply names the message it answers; its source is
         # not always the node: the SuperLink itself answers for a node it has lost.
         node_of = {m.metadata.message_id: node for m, node in zip(messages, sent, strict=True)}
-        replies: dict[int, ClientUpdate | Exception] = {}
+        replies: dict[int, tuple[ClientUpdate | Exception, int]] = {}
         for reply in received:
             node = node_of[reply.metadata.reply_to_message_id]
             client = sent[node][1].client_id
             if reply.has_error() and reply.metadata.src_node_id != node:  # lost: it may have trained
-                replies[node] = NoAnswer(f"client {client}'s SuperNode was lost: {reply.error.reason}")
+                replies[node] = (NoAnswer(f"client {client}'s SuperNode was lost: {reply.error.reason}"), 0)
             elif reply.has_error():
-                replies[node] = RuntimeError(f"client {client} failed: {reply.error.reason}")
+                replies[node] = (RuntimeError(f"client {client} failed: {reply.error.reason}"), 0)
             else:
-                replies[node] = decode_update(reply.content)
+                blob = bytes(reply.content["reply"]["update"])
+                replies[node] = (replica.decode_reply(blob, self.method, self.like), len(blob))
         return replies
 
-    def _train_secure(self, sent: Mapping[int, tuple[GlobalState, ClientJob]]) -> dict[int, ClientUpdate | Exception]:
-        """One SecAgg+ round; a client that left it is reported with what the protocol knows."""
+    def _train_secure(self, sent: Mapping[int, tuple[ConfigRecord, ClientJob]]) -> dict[int, tuple[ClientUpdate | Exception, int]]:
+        """One SecAgg+ round; a client that left it is reported with what the protocol knows. The
+        bytes up are the masked vector's: its elements at the 8 bytes of SecAgg+'s integers."""
         if not sent:
             return {}
-        instructions = {
-            node: {"state": save_tensors(dict(encode_state(state).to_torch_state_dict())), **encode_job(job, self.config)}
-            for node, (state, job) in sent.items()
-        }
+        instructions = {node: dict(record) for node, (record, _) in sent.items()}
         round_index = next(iter(sent.values()))[1].round_index
         outcome = secagg.secure_round(
             self.grid, self.context, instructions, round_index, self.max_weight, self.config.federation.secure_range,
@@ -284,19 +233,20 @@ class FlowerEngine:
         if outcome is None:
             # Those that answered had trained: every client sent the job is charged.
             halted = NoAnswer("secure aggregation halted: too few clients answered to unmask the sum")
-            return dict.fromkeys(sent, halted)
+            return dict.fromkeys(sent, (halted, 0))
         metrics, mean = outcome
-        replies: dict[int, ClientUpdate | Exception] = {
-            node: NoAnswer(f"client {job.client_id} left the secure round (failed, or too late for federation.round_timeout_s)")
+        masked_bytes = 8 * sum(a.size for a in mean)
+        replies: dict[int, tuple[ClientUpdate | Exception, int]] = {
+            node: (NoAnswer(f"client {job.client_id} left the secure round (failed, or too late for federation.round_timeout_s)"), 0)
             for node, (_, job) in sent.items()
         }
         metas = {node: json.loads(str(m["meta"])) for node, m in metrics.items()}
         layouts = {json.dumps([m["names"], m["dtypes"]]) for m in metas.values() if not m["rejected"]}
         for node, meta in metas.items():
             if len(layouts) > 1:  # positions were summed: one layout or nothing is usable
-                replies[node] = RejectedAfterTraining("the clients' secure updates disagree on their layout")
+                replies[node] = (RejectedAfterTraining("the clients' secure updates disagree on their layout"), masked_bytes)
             else:
-                replies[node] = decode_secure_update(meta, mean)
+                replies[node] = (decode_secure_update(meta, mean), masked_bytes)
         return replies
 
 
@@ -320,24 +270,34 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train(mods=[secagg.client_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One client round: the start state and the job in, the trained update (or its masked form) out."""
+    """One client round: the job and its download in; the start built from this SuperNode's replica
+    (its `context.state`); the packed upload (or its masked form) out."""
     secure = secagg.is_secure(msg.content)
-    if secure:
-        fields = secagg.instruction(msg.content)
-        job, config = decode_job(fields)
-        start = GlobalState.from_tensors(load_tensors(bytes(fields["state"])))
-    else:
-        job, config = decode_job(msg.content["job"])
-        start = decode_state(msg.content["state"])
+    job, config = decode_job(secagg.instruction(msg.content) if secure else msg.content["job"])
     partition = int(context.node_config["partition-id"])
     if partition != job.client_id:
         raise ValueError(f"this SuperNode holds partition {partition}, not client {job.client_id}")
     setup = _setup(config.model_dump_json())
-    (result,) = setup.local_engine().train([start], [job], lambda _: None)
-    if isinstance(result, Exception):
-        raise result
-    reply = encode_secure_update(result, start, job, setup) if secure else encode_update(result)
-    return Message(reply, reply_to=msg)
+    engine, method, own = setup.local_engine(), setup.method(), _replica(context, setup)
+    start, update = own.run(job, method, engine.train_from, lambda: engine.score_own(job.client_id))
+    _keep_replica(context, own)
+    if secure:
+        return Message(encode_secure_update(update, start, job, setup, method), reply_to=msg)
+    blob = replica.encode_reply(update, method)
+    return Message(RecordDict({"reply": ConfigRecord({"update": blob})}), reply_to=msg)
+
+
+def _replica(context: Context, setup: Setup) -> Replica:
+    """This SuperNode's replica: kept in its `context.state` between rounds; at first the seeded initial."""
+    if REPLICA not in context.state:
+        return Replica(setup.initial.tensors())
+    record = context.state[REPLICA]
+    held, own = unpack(bytes(record["held"]))[0], unpack(bytes(record["own"]))[0]
+    return Replica(held, own)
+
+
+def _keep_replica(context: Context, own: Replica) -> None:
+    context.state[REPLICA] = ConfigRecord({"held": pack(own.held, {}), "own": pack(own.own, {})})
 
 
 # The ServerApp -------------------------------------------------------------------------

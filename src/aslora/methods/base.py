@@ -73,26 +73,41 @@ class Method(ABC):
         """The next global state from the clients' trained factors."""
 
     shares_head: bool = True  # False: every client keeps its own head (FedSA-LoRA)
-
-    def client_start(self, state: GlobalState, client: int) -> GlobalState:
-        """The model a client starts its round from (personalised methods override)."""
-        return state
+    # True: judged by the clients' own models, which each scores on its held-out split (FedSA-LoRA).
+    personalised: bool = False
 
     def downloaded(self, state: GlobalState) -> dict[str, torch.Tensor]:
         """The tensors clients hold from the server, by name (the download is what changed)."""
         return state.tensors()
 
+    def download_for(self, client: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What of `tensors` this client needs (FLoRA: its rank's components)."""
+        return tensors
+
     def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """The tensors a client sends: its trained factors and its head."""
         return update.tensors()
 
+    def restored(
+        self, client: int, tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Tensors as they travelled (`download_for`, `uploaded`), back in the model's shapes of `like`."""
+        return tensors
+
+    def kept(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        """What a client keeps for itself after its round and never sends (FedSA-LoRA: B and head)."""
+        return {}
+
+    def evaluation_view(
+        self, state: GlobalState, kept: Sequence[dict[str, torch.Tensor]] | None
+    ) -> GlobalState | None:
+        """The model the dev split scores: the server's own, or for a personalised method a view
+        built from what the clients keep (`kept`: None where the engine cannot see it)."""
+        return state
+
     def client_rank(self, client: int) -> int | None:
         """The LoRA rank this client trains at, if below the model's (heterogeneous ranks)."""
         return None
-
-    def personal_states(self, state: GlobalState) -> dict[int, GlobalState]:
-        """Each client's own model, for personalised evaluation (none by default)."""
-        return {}
 
     def weight(self, n_examples: int) -> int:
         """A client's unnormalised aggregation weight (by default its example count).

@@ -1,16 +1,18 @@
 """FedSA-LoRA: A is shared and averaged; B and the head stay with each client.
 
-Clients train both factors from the shared A and their own B and head, and
-upload A only. The server averages A. Evaluation reports the clients' own
-models on their held-out splits; the "global model" it also reports (shared
-A, mean of the clients' B and heads) is an evaluation-only view that a real
-FedSA server could not form without extra uploads.
+Clients train both factors from the shared A and their own B and head, upload
+A only and keep the rest (`kept`: the client's replica, a SuperNode's own
+state under Flower); the server never holds them. Each client scores its own
+model on its held-out split (`personal_*` metrics). The dev figures come from
+an evaluation-only view, shared A with the mean of the clients' B and heads,
+which only an in-process simulation can form (it sees the clients' state): a
+real FedSA server could not without extra uploads, and over Flower there is none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 class FedSA(Method):
     name = "fedsa"
     shares_head = False
+    personalised = True
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
@@ -36,45 +39,36 @@ class FedSA(Method):
     def plan(self, round_index: int, state: GlobalState) -> Mask:
         return {layer: ("A", "B") for layer in state.factors}
 
-    def client_start(self, state: GlobalState, client: int) -> GlobalState:
-        own = state.memory.get("personal", {}).get(client) or state.memory.get("initial") or _own(state)
-        factors = {layer: {"A": fs["A"], "B": own["B"][layer]} for layer, fs in state.factors.items()}
-        return state.evolve(factors=factors, head=own["head"])
-
     def downloaded(self, state: GlobalState) -> dict[str, torch.Tensor]:
         return {f"{layer}.lora_A": fs["A"] for layer, fs in state.factors.items()}
 
     def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         return {f"{layer}.lora_A": fs["A"] for layer, fs in update.factors.items()}
 
-    def personal_states(self, state: GlobalState) -> dict[int, GlobalState]:
-        return {c: self.client_start(state, c) for c in state.memory.get("personal", {})}
+    def kept(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        own = {f"{layer}.lora_B": fs["B"] for layer, fs in update.factors.items()}
+        return own | {f"head.{name}": t for name, t in update.head.items()}
 
     def aggregate(
         self, state: GlobalState, updates: Sequence[ClientUpdate], weights: Sequence[float]
     ) -> GlobalState:
-        initial = state.memory.get("initial") or _own(state)
-        personal: dict[int, dict[str, Any]] = dict(state.memory.get("personal", {}))
-        for u in updates:
-            before = personal.get(u.client_id, initial)
-            personal[u.client_id] = {
-                "B": {layer: fs["B"] for layer, fs in u.factors.items()},
-                "head": u.head or before["head"],  # an untrained head stays what it was
-            }
-        owners = list(personal.values())
-        even = [1.0 / len(owners)] * len(owners)
         factors = {
-            layer: {
-                "A": weighted_mean([u.factors[layer]["A"] for u in updates], weights),
-                "B": weighted_mean([o["B"][layer] for o in owners], even),
-            }
-            for layer in state.factors
+            layer: {**fs, "A": weighted_mean([u.factors[layer]["A"] for u in updates], weights)}
+            for layer, fs in state.factors.items()
         }
-        head = {k: weighted_mean([o["head"][k] for o in owners], even) for k in state.head}
-        memory = {"personal": personal, "initial": initial}
-        return state.evolve(factors=factors, head=head, memory=memory)
+        return state.evolve(factors=factors)
 
-
-def _own(state: GlobalState) -> dict[str, Any]:
-    """A client's starting B and head before it ever trained: the initial ones."""
-    return {"B": {layer: fs["B"] for layer, fs in state.factors.items()}, "head": dict(state.head)}
+    def evaluation_view(
+        self, state: GlobalState, kept: Sequence[dict[str, torch.Tensor]] | None
+    ) -> GlobalState | None:
+        """Shared A with the even mean of the B and head the clients that trained keep (evaluation only)."""
+        if kept is None:
+            return None
+        owners = [k for k in kept if k]
+        if not owners:
+            return state
+        mean = {}
+        for name in {n for k in owners for n in k}:
+            having = [k[name] for k in owners if name in k]
+            mean[name] = weighted_mean(having, [1.0 / len(having)] * len(having))
+        return GlobalState.from_tensors(state.tensors() | mean).evolve(scaling=state.scaling)

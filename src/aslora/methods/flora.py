@@ -30,10 +30,31 @@ class FLoRA(Method):
     def client_rank(self, client: int) -> int | None:
         return self.ranks[client] if self.ranks else None
 
+    def download_for(self, client: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A client of rank r_i receives its r_i components of the fresh adapters."""
+        return self._cut(client, tensors)
+
     def uploaded(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """A client of rank r_i sends its r_i components (the rest are zero padding)."""
-        rank = self.client_rank(update.client_id)
-        tensors = super().uploaded(update)
+        return self._cut(update.client_id, super().uploaded(update))
+
+    def restored(
+        self, client: int, tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The cut factors padded back to the model's rank with the zeros the client holds there."""
+        if self.client_rank(client) is None:
+            return tensors
+        padded = {}
+        for name, t in tensors.items():
+            if name in like and t.shape != like[name].shape:  # a factor cut to the client's rank
+                full = torch.zeros_like(like[name])
+                full[tuple(slice(0, n) for n in t.shape)] = t
+                t = full
+            padded[name] = t
+        return padded
+
+    def _cut(self, client: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rank = self.client_rank(client)
         if rank is None:
             return tensors
         return {
