@@ -96,6 +96,7 @@ def test_fedsa_keeps_b_on_the_clients_and_scores_them_there(tmp_path: Path) -> N
     assert all(name.endswith("lora_B") for kept in checkpoint.clients.values() for name in kept)
     rows = _rows(result.directory)
     assert all("personal_rel_error" in r["metrics"] for r in rows)
+    assert result.summary["dev_model"].startswith("an evaluation-only view")
     fedavg = run_experiment(_config(tmp_path / "fedavg", "fedavg", **{"federation.clients_per_round": 10}))
     b_bytes = sum(f["B"].numel() * f["B"].element_size() for f in initial.factors.values())
     saved = fedavg.summary["mean_bytes_up_per_client"] - result.summary["mean_bytes_up_per_client"]

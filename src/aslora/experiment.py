@@ -430,7 +430,7 @@ def _run_experiment(
     setup.view.set_head(final.head)
     run_dir.export_adapter(setup.view, final.residual)
     wall_s = earlier_s + time.perf_counter() - started
-    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped)
+    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped, method.dev_model)
     run_dir.plot(records, config)
     return RunResult(run_dir.path, summary, records)
 

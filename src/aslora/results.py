@@ -81,6 +81,7 @@ class RunDirectory:
         segments: Sequence[tuple[int, float]],
         wall_time_s: float,
         stopped: str | None,
+        dev_model: str = "the server's global model",
     ) -> dict[str, Any]:
         evaluated = [r for r in records if r.metrics]
         final = evaluated[-1].metrics if evaluated else {}
@@ -93,6 +94,7 @@ class RunDirectory:
             "stopped_early": stopped,
             "initial_metrics": initial,
             "final_metrics": final,
+            "dev_model": dev_model,  # what the dev metrics score (Method.dev_model)
             "metric_by_round": {r.round: r.metrics for r in evaluated},
             "epsilon": records[-1].epsilon if records else 0.0,
             "delta": config.privacy.delta,

@@ -75,6 +75,7 @@ class Method(ABC):
     shares_head: bool = True  # False: every client keeps its own head (FedSA-LoRA)
     # True: judged by the clients' own models, which each scores on its held-out split (FedSA-LoRA).
     personalised: bool = False
+    dev_model: str = "the server's global model"  # what the dev figures score, as summary.json says
 
     def downloaded(self, state: GlobalState) -> dict[str, torch.Tensor]:
         """The tensors clients hold from the server, by name (the download is what changed)."""

@@ -27,6 +27,10 @@ class FedSA(Method):
     name = "fedsa"
     shares_head = False
     personalised = True
+    dev_model = (
+        "an evaluation-only view, the shared A with the mean of the clients' own B and heads, which a "
+        "FedSA server never holds (the clients' own models: personal_*)"
+    )
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
