@@ -220,16 +220,17 @@ def test_a_dp_round_stays_within_the_update_norm_bound(tmp_path: Path, optimizer
     derived from clip, noise, batch, learning rate and steps, and the bound is not vacuous."""
     from aslora.experiment import prepare
     from aslora.privacy import update_norm_bound
-    from aslora.protocol import ClientJob, GlobalState
+    from aslora.protocol import ClientJob
 
     config = load_config(REPO / "configs" / "synthetic.toml").with_overrides(
         {"output_dir": str(tmp_path), "optim.optimizer": optimizer, "optim.lr": 0.05, "federation.local_steps": 6}
     )
     setup = prepare(config)
     local, view = setup.local, setup.view
-    start = GlobalState(factors=view.get_factors(), head=view.get_head(), scaling={})
+    start = setup.initial  # what every client holds before its first download
     for client, mask in ((0, {layer: ("A", "B") for layer in view.layers}), (1, {view.layers[0]: ("B",)})):
-        (update,) = setup.local_engine().train([start], [ClientJob(client, 0, 11 + client, mask)], lambda _: None)
+        (delivery,) = setup.local_engine().train([ClientJob(client, 0, 11 + client, mask)], lambda _: None)
+        update = delivery.result
         before = start.tensors()
         moved = sum(float((t - before[n]).square().sum()) for n, t in update.tensors().items()) ** 0.5
         dims = sum(t.numel() for t in update.tensors().values())
