@@ -15,6 +15,7 @@ from aslora.config import ExperimentConfig, load_config
 from aslora.engines.local import LocalEngine
 from aslora.experiment import prepare, run_experiment
 from aslora.protocol import Delivery, unpack
+from aslora.replica import Replica
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +102,27 @@ def test_fedsa_keeps_b_on_the_clients_and_scores_them_there(tmp_path: Path) -> N
     b_bytes = sum(f["B"].numel() * f["B"].element_size() for f in initial.factors.values())
     saved = fedavg.summary["mean_bytes_up_per_client"] - result.summary["mean_bytes_up_per_client"]
     assert saved >= b_bytes  # FedSA's reply carries no B
+
+
+class _Restarting(LocalEngine):
+    """The local engine, where client 0's replica is lost before round 2 (a restarted SuperNode)."""
+
+    def train(self, jobs, done):  # type: ignore[no-untyped-def]
+        if jobs[0].round_index == 2:
+            self.replicas[0] = Replica(self.initial)
+        return super().train(jobs, done)
+
+
+def test_a_client_that_lost_its_replica_refuses_the_download_and_is_resent_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Never train from the wrong model: a download that builds on a round the client lacks is
+    refused, and the next one carries everything since the seeded initial."""
+    config = _config(tmp_path, "rolora", rounds=4, **{"federation.clients_per_round": 10})
+    with caplog.at_level("WARNING", logger="aslora.server"):
+        result = run_experiment(config, engine=lambda s: s.local_engine(_Restarting))
+    rows = _rows(result.directory)
+    assert rows[2]["rejected"] == [0] and rows[3]["rejected"] == []
+    assert any("client 0" in r.message and "replica was lost" in r.message for r in caplog.records)
+    # round 3: nine clients need round 2's change (B), client 0 the A and B of everything since
+    assert rows[3]["bytes_down_per_client"] > rows[1]["bytes_down_per_client"]

@@ -69,13 +69,14 @@ class ClientJob:
     # What changed on the server since the client last synchronised, cut to what it needs (FLoRA: its rank).
     download: dict[str, torch.Tensor] = field(default_factory=dict)
     evaluate: bool = False  # a personalised method's evaluation round: the client scores its own model
+    base: int = -1  # the round whose download the client last received (-1: none, the seeded initial)
 
     def header(self) -> dict[str, Any]:
         """The job without its download, as JSON-able values."""
         return {
             "client_id": self.client_id, "round_index": self.round_index, "seed": self.seed,
             "mask": {layer: list(fs) for layer, fs in self.mask.items()}, "statistics": self.statistics,
-            "rank": self.rank, "fail": self.fail, "evaluate": self.evaluate,
+            "rank": self.rank, "fail": self.fail, "evaluate": self.evaluate, "base": self.base,
         }
 
     @classmethod

@@ -16,17 +16,41 @@ Trainer = Callable[[GlobalState, ClientJob], ClientUpdate]
 PersonalEvaluation = Callable[[], dict[str, float]]  # the model just trained, on the client's held-out split
 
 
+class StaleReplica(RuntimeError):
+    """The job's download builds on a round this client never received (its replica was lost)."""
+
+
 class Replica:
     """One client's copy of the server's tensors as it last received them, and the tensors it
     keeps for itself (a personalised method's, e.g. FedSA-LoRA's B and head), never sent."""
 
-    def __init__(self, initial: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.held = dict(initial)  # every client builds the seeded initial state itself
+    def __init__(
+        self,
+        initial: Mapping[str, torch.Tensor],
+        own: Mapping[str, torch.Tensor] | None = None,
+        held: Mapping[str, torch.Tensor] | None = None,
+        synced: int = -1,
+    ) -> None:
+        self.initial = dict(initial)  # every client builds the seeded initial state itself
+        self.held = dict(held if held is not None else initial)
         self.own = dict(own or {})
+        self.synced = synced  # the round whose download it last received; -1: none
 
     def start(self, job: ClientJob, method: Method) -> GlobalState:
-        """The model this round trains from: the held tensors, updated by the download, and its own."""
+        """The model this round trains from: the held tensors, updated by the download, and its own.
+
+        A download builds on the round named by `job.base`; a replica that did not receive that
+        one (a restarted SuperNode) refuses it rather than train from the wrong model, and the
+        server then sends everything since the seeded initial (base -1)."""
+        if job.base == -1:
+            self.held = dict(self.initial)
+        elif self.synced not in (job.base, job.round_index):  # this round's: a lookahead oracle's next trial
+            raise StaleReplica(
+                f"client {job.client_id} last received round {self.synced}'s download, but round "
+                f"{job.round_index}'s builds on round {job.base}: its replica was lost; the server resends it whole"
+            )
         self.held.update(method.restored(job.client_id, job.download, self.held))
+        self.synced = job.round_index
         return GlobalState.from_tensors(self.held | self.own)
 
     def run(

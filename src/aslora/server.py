@@ -241,6 +241,7 @@ class Federation:
         # Every client builds the seeded initial state itself: it holds version 0 of each tensor.
         self._initial = dict(self._version)
         self._seen: dict[int, dict[str, int]] = {i: dict(self._initial) for i in range(len(self.sizes))}
+        self._synced_round: dict[int, int] = dict.fromkeys(self._seen, -1)  # ClientJob.base
 
     def snapshot(self) -> dict[str, Any]:
         """The bookkeeping a checkpoint must keep: privacy histories and the tensors' versions."""
@@ -255,6 +256,7 @@ class Federation:
         self.histories = {int(c): [tuple(h) for h in hist] for c, hist in snapshot["histories"]}
         self._version = dict(snapshot["versions"])
         self._seen = {c: dict(self._initial) for c in self._seen}
+        self._synced_round = dict.fromkeys(self._seen, -1)
 
     # privacy -----------------------------------------------------------------
     def epsilon(self, client: int, extra_round: bool = False) -> float:
@@ -310,7 +312,7 @@ class Federation:
         sent_version = dict(self._version)
         planning_s = time.perf_counter() - started
         trials = [self._trial(round_index, clients, mask, faults, downloads, done) for mask in masks]
-        self._mark_synchronised(trials, sent_version)
+        self._mark_synchronised(round_index, clients, trials, sent_version)
         received = time.perf_counter()
         first = trials[0]
         clients_s = sum(t.clients_s for t in trials)
@@ -340,11 +342,17 @@ class Federation:
             raise RuntimeError(f"method {self.method.name!r} decides on the server's probe set: set data.probe_size")
         return masks
 
-    def _mark_synchronised(self, trials: Sequence[Trial], sent_version: dict[str, int]) -> None:
-        """Synchronised are only the clients that answered: one that failed or was lost may never
-        have received the download, so the next one carries everything it lacks."""
-        for c in set.intersection(*(t.answered for t in trials)):
-            self._seen[c] = dict(sent_version)
+    def _mark_synchronised(
+        self, round_index: int, clients: Sequence[int], trials: Sequence[Trial], sent_version: dict[str, int]
+    ) -> None:
+        """Synchronised are only the clients that answered. One that failed or was lost may hold
+        anything (it may have restarted), so the next download carries everything since the
+        seeded initial."""
+        answered = set.intersection(*(t.answered for t in trials))
+        for c in clients:
+            synced = c in answered
+            self._seen[c] = dict(sent_version) if synced else dict(self._initial)
+            self._synced_round[c] = round_index if synced else -1
 
     def _outcome(self, trials: Sequence[Trial]) -> tuple[GlobalState, Mask]:
         """The next state and the mask it amounts to; a lookahead oracle keeps, layer by layer, the
@@ -388,6 +396,7 @@ class Federation:
                 fail=c in failing,
                 download=downloads[c],
                 evaluate=evaluate,
+                base=self._synced_round[c],
             )
             for c in clients
         ]

@@ -293,11 +293,13 @@ def _replica(context: Context, setup: Setup) -> Replica:
         return Replica(setup.initial.tensors())
     record = context.state[REPLICA]
     held, own = unpack(bytes(record["held"]))[0], unpack(bytes(record["own"]))[0]
-    return Replica(held, own)
+    return Replica(setup.initial.tensors(), own, held, int(record["synced"]))
 
 
 def _keep_replica(context: Context, own: Replica) -> None:
-    context.state[REPLICA] = ConfigRecord({"held": pack(own.held, {}), "own": pack(own.own, {})})
+    context.state[REPLICA] = ConfigRecord(
+        {"held": pack(own.held, {}), "own": pack(own.own, {}), "synced": own.synced}
+    )
 
 
 # The ServerApp -------------------------------------------------------------------------
