@@ -39,7 +39,7 @@ from aslora.engines import secagg
 from aslora.experiment import Setup, prepare, run_experiment
 from aslora.methods.base import Method
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, pack, unpack
-from aslora.replica import Replica
+from aslora.replica import Replica, StaleReplica
 from aslora.server import (
     NoAnswer,
     RejectedAfterTraining,
@@ -52,15 +52,31 @@ from aslora.server import (
 log = logging.getLogger(__name__)
 CONFIG_ENV = "ASLORA_FLOWER_CONFIG"  # path of the experiment TOML the ServerApp runs
 REPLICA = "aslora-replica"  # where a SuperNode keeps its replica in its context.state
+CONFIG_STATE = "aslora-config"  # and the run's config, which only a job with base -1 carries
 
 
 def encode_job(job: ClientJob, config: ExperimentConfig) -> ConfigRecord:
-    """A train message's content: the packed job (its download included) and the run's config."""
-    return ConfigRecord({"config": config.model_dump_json(), "job": replica.encode_job(job)})
+    """A train message's content: the packed job (its download included), and the run's config
+    where the client may lack it: when it has no replica yet (`job.base` -1). The config is the
+    client's setup, not model traffic, so the bytes recorded leave it out."""
+    fields: dict[str, Any] = {"job": replica.encode_job(job)}
+    if job.base == -1:
+        fields["config"] = config.model_dump_json()
+    return ConfigRecord(fields)
 
 
-def decode_job(record: Mapping[str, Any]) -> tuple[ClientJob, ExperimentConfig]:
-    return replica.decode_job(bytes(record["job"])), parse_config(json.loads(str(record["config"])))
+def decode_job(record: Mapping[str, Any], context: Context) -> tuple[ClientJob, str]:
+    """The job, and the run's config as JSON: the message's, kept in the SuperNode's state for the
+    rounds that do not carry it."""
+    job = replica.decode_job(bytes(record["job"]))
+    if "config" in record:
+        context.state[CONFIG_STATE] = ConfigRecord({"json": str(record["config"])})
+    elif CONFIG_STATE not in context.state:
+        raise StaleReplica(
+            f"client {job.client_id}'s SuperNode holds no config for this run (it restarted): the server "
+            "resends the config and everything since the seeded initial next round"
+        )
+    return job, str(context.state[CONFIG_STATE]["json"])
 
 
 def encode_secure_update(
@@ -273,11 +289,11 @@ def train(msg: Message, context: Context) -> Message:
     """One client round: the job and its download in; the start built from this SuperNode's replica
     (its `context.state`); the packed upload (or its masked form) out."""
     secure = secagg.is_secure(msg.content)
-    job, config = decode_job(secagg.instruction(msg.content) if secure else msg.content["job"])
+    job, config_json = decode_job(secagg.instruction(msg.content) if secure else msg.content["job"], context)
     partition = int(context.node_config["partition-id"])
     if partition != job.client_id:
         raise ValueError(f"this SuperNode holds partition {partition}, not client {job.client_id}")
-    setup = _setup(config.model_dump_json())
+    setup = _setup(config_json)
     engine, method, own = setup.local_engine(), setup.method(), _replica(context, setup)
     start, update = own.run(job, method, engine.train_from, lambda: engine.score_own(job.client_id))
     _keep_replica(context, own)
