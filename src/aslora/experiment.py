@@ -209,7 +209,6 @@ class Setup:
     initial: GlobalState  # the seeded initial state, which the server and every client build for themselves
     probe: datasets.Dataset | None = None  # the server's probe set (data.probe_size), set apart before partitioning
 
-
     @property
     def sizes(self) -> list[int]:
         return [len(s) for s in self.shards]

@@ -419,7 +419,7 @@ class Federation:
         weights = self.method.weights(accepted)
         start = time.perf_counter()
         state = self.method.aggregate(self.state, accepted, weights)
-        if self.train_head and self.method.shares_head:
+        if self.train_head and accepted[0].head:  # a method whose clients keep their heads uploads none
             head = {k: weighted_mean([u.head[k] for u in accepted], weights) for k in self.state.head}
             state = state.evolve(head=head)
         done_at = time.perf_counter()

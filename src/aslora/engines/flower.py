@@ -36,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from aslora import replica
 from aslora.config import ExperimentConfig, load_config, parse_config
 from aslora.engines import secagg
+from aslora.engines.local import LocalEngine
 from aslora.experiment import Setup, prepare, run_experiment
 from aslora.methods.base import Method
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, pack, unpack
@@ -272,9 +273,11 @@ client_app = ClientApp()
 
 
 @cache
-def _setup(config_json: str) -> Setup:
-    """The run's setup on this client process (data, shards, model), built once per config."""
-    return prepare(parse_config(json.loads(config_json)))
+def _client(config_json: str) -> tuple[Setup, LocalEngine, Method]:
+    """The run's setup on this client process (data, shards, model), the engine that trains and
+    scores (its tokenised shards cached), and the method: built once per config, not per message."""
+    setup = prepare(parse_config(json.loads(config_json)))
+    return setup, setup.local_engine(), setup.method()
 
 
 @client_app.query()
@@ -293,8 +296,8 @@ def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     if partition != job.client_id:
         raise ValueError(f"this SuperNode holds partition {partition}, not client {job.client_id}")
-    setup = _setup(config_json)
-    engine, method, own = setup.local_engine(), setup.method(), _replica(context, setup)
+    setup, engine, method = _client(config_json)
+    own = _replica(context, setup)
     start, update = own.run(job, method, engine.train_from, lambda: engine.score_own(job.client_id))
     _keep_replica(context, own)
     if secure:

@@ -72,7 +72,6 @@ class Method(ABC):
     ) -> GlobalState:
         """The next global state from the clients' trained factors."""
 
-    shares_head: bool = True  # False: every client keeps its own head (FedSA-LoRA)
     # True: judged by the clients' own models, which each scores on its held-out split (FedSA-LoRA).
     personalised: bool = False
     dev_model: str = "the server's global model"  # what the dev figures score, as summary.json says

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 class FedSA(Method):
     name = "fedsa"
-    shares_head = False
     personalised = True
     dev_model = (
         "an evaluation-only view, the shared A with the mean of the clients' own B and heads, which a "
