@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from aslora.adapters import FACTORS, LoraView
 from aslora.client import LocalSettings, train_client
-from aslora.config import ExperimentConfig, parse_config
+from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
 from aslora.privacy import DPSettings
 from aslora.protocol import ClientJob, GlobalState
@@ -109,11 +109,16 @@ def test_fixed_schedules_reproduce_their_baselines_bit_for_bit(dp_config: Experi
     assert rolora_masks == [{"B"}, {"A"}]
 
 
-@pytest.mark.parametrize("share", [None, 0.25])
-def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig, share: float | None) -> None:
-    """Joint or group-wise clipping (selection.score_clip_share), the accountant's epsilon is FFA's."""
+@pytest.mark.parametrize(("share", "score_kind"), [(None, "curvature"), (0.25, "curvature"), (None, "secant")])
+def test_aslora_costs_no_extra_privacy(dp_config: ExperimentConfig, share: float | None, score_kind: str) -> None:
+    """Joint or group-wise clipping (selection.score_clip_share), spec or secant score: the
+    accountant's epsilon is FFA's."""
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa"}))
-    ours = run_experiment(dp_config.with_overrides({"method": "aslora", "selection.score_clip_share": share}))
+    ours = run_experiment(
+        dp_config.with_overrides(
+            {"method": "aslora", "selection.score_clip_share": share, "selection.score": score_kind}
+        )
+    )
     assert [r["epsilon"] for r in metric_rows(ours.directory)] == [r["epsilon"] for r in metric_rows(ffa.directory)]
     assert ours.summary["epsilon"] > 0
     rows = metric_rows(ours.directory)
@@ -190,3 +195,8 @@ def test_the_score_of_a_uses_a_s_own_lr(dp_config: ExperimentConfig) -> None:
                 assert row["selection"]["scores"][layer][factor] == pytest.approx(score(stats, settings, clients))
                 checked += factor == "A" and stats["G"] > 0
     assert checked > 0  # some of A's scores are not trivially zero
+
+
+def test_the_secant_score_needs_two_local_steps(dp_config: ExperimentConfig) -> None:
+    with pytest.raises(ConfigError, match="local_steps to 2 or more"):
+        dp_config.with_overrides({"method": "aslora", "selection.score": "secant", "federation.local_steps": 1})

@@ -29,7 +29,8 @@ def _glue(tiny_config: ExperimentConfig, task: str, **overrides: object) -> Expe
 def test_local_files_load_as_labelled_pairs(
     tiny_config: ExperimentConfig, task: str, columns: tuple[str, str], labels: int, train: int, dev: int
 ) -> None:
-    loaded = load_task(_glue(tiny_config, task, **{"data.train_subset": 0, "data.eval_subset": 0}))
+    overrides = {"data.train_subset": 0, "data.eval_subset": 0, "model.pair_encoding": "joint"}
+    loaded = load_task(_glue(tiny_config, task, **overrides))
     assert (len(loaded.train), len(loaded.eval)) == (train, dev)
     assert loaded.train.column_names == [*columns, "label"] and loaded.num_labels == labels
     assert set(loaded.train["label"]) == set(range(labels))

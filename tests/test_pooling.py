@@ -214,3 +214,61 @@ def test_a_micro_batch_that_cannot_fit_fails_before_training(data_dir: Path) -> 
     config = _config(data_dir, **{"optim.micro_batch_size": 10_000_000, "model.max_length": 512})
     with pytest.raises(ConfigError, match=r"optim.micro_batch_size: a physical batch of 10000000 .* set optim.micro_batch_size to \d+ or less"):
         load_task(config)
+
+
+def _qnli(data_dir: Path, **overrides):
+    return _config(data_dir, **{"data.task": "qnli", "model.max_length": 48} | overrides)
+
+
+def test_a_bi_encoder_embeds_the_two_sentences_of_a_pair_apart(data_dir: Path) -> None:
+    """model.pair_encoding 'auto' on MiniLM (which declares its pooling): each sentence on its own,
+    and the head reads [u, v, |u - v|, u * v], as sentence-transformers' SoftmaxLoss does; 'joint'
+    keeps one sequence."""
+    config = _qnli(data_dir)
+    task = load_task(config)
+    assert task.pairs
+    data = task.encode(task.eval.select(range(3)))
+    ids, mask, ids_b, mask_b, labels = data.tensors
+    model = task.build_model(config).eval()
+    classifier = model.base_model.model
+    assert classifier.classifier.in_features == 4 * classifier.encoder.config.hidden_size
+    with torch.no_grad():
+        u, v = classifier.embed(ids, mask), classifier.embed(ids_b, mask_b)
+        features = classifier.features(ids, mask, ids_b, mask_b)
+        out = model(**task._inputs(data.tensors))
+    torch.testing.assert_close(features, torch.cat([u, v, (u - v).abs(), u * v], dim=-1))
+    assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
+    joint = load_task(_qnli(data_dir, **{"model.pair_encoding": "joint"}))
+    assert not joint.pairs and len(joint.encode(joint.eval.select(range(3))).tensors) == 3
+
+
+def test_opacus_clips_a_separately_embedded_pair_as_one_example(data_dir: Path) -> None:
+    """The encoder runs twice per example; Opacus's per-sample gradient must be the gradient of that
+    example's loss over both passes, so that DP-SGD bounds each pair's contribution once."""
+    from opacus import GradSampleModule
+
+    config = _qnli(data_dir, **{"lora.head_init": "random"})
+    task = load_task(config)
+    model = task.build_model(config).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    data = task.encode(task.train.select(range(4)))
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(wrapped(**task._inputs(data.tensors)).logits, data.tensors[-1], reduction="sum").backward()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name, _ in trained)
+    per_sample = {name: p.grad_sample.clone() for name, p in trained}
+    for i in range(4):
+        model.zero_grad()
+        for _, p in trained:
+            p.grad_sample = None
+        single = tuple(t[i : i + 1] for t in data.tensors)
+        torch.nn.functional.cross_entropy(model(**task._inputs(single)).logits, single[-1], reduction="sum").backward()
+        for name, p in trained:
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_separate_pairs_need_a_pair_task(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="has no sentence pairs"):
+        _config(data_dir, **{"model.pair_encoding": "separate"})

@@ -25,8 +25,11 @@ from aslora.selection import (
     official_temperature,
     official_warmup,
     score,
+    update_curvature,
     update_ema,
+    update_lead_sq,
 )
+from aslora.selection import kappa as secant_kappa
 from aslora.server import value_problem
 
 LAYERS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(3) for m in ("query", "value")]
@@ -113,6 +116,8 @@ def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=
         warmup_rounds=kw.get("warmup_rounds", 0),
         seed=0,
         a_budget=kw.get("a_budget"),
+        confidence=kw.get("confidence"),
+        beta=kw.get("beta", 0.9),
     )
 
 
@@ -271,9 +276,10 @@ def test_last_step_score_is_a_debiased_projected_norm() -> None:
 @pytest.mark.parametrize(
     ("stats", "rejected"),
     [({"G": -0.5, "Q": 0.0, "T": 0.0}, False), ({"G": 0.5, "Q": -0.5, "T": 0.0}, True),
+     ({"G": 0.5, "Q": 0.0, "T": 0.0, "K": -0.5}, False),
      ({"G": float("nan"), "Q": 0.0, "T": 0.0}, True), ({"G": 0.0, "Q": 0.0, "T": float("inf")}, True)],
 )
-def test_the_server_accepts_a_negative_g_but_no_other_negative_or_non_finite_statistic(
+def test_the_server_accepts_a_negative_g_or_k_but_no_other_negative_or_non_finite_statistic(
     stats: dict[str, float], rejected: bool
 ) -> None:
     update = ClientUpdate(
@@ -329,3 +335,98 @@ def test_ema_from_frozen_moves_only_the_ema_of_the_factor_that_did_not_train() -
         )
         emas[source] = get_method("aslora", context).aggregate(state, [update], [1.0]).memory["ema"]["l"]
     assert emas == {"all": {"A": 1.25, "B": 2.25}, "frozen": {"A": 1.25, "B": 0.5}}
+
+
+def test_the_secant_measures_the_curvature_that_noisy_steps_meet() -> None:
+    """Noisy SGD on L(x) = 0.5 sum h x^2: K / eta estimates E[g^T H g] = sum h (grad^2 + nu), DP noise
+    included; started at the minimum, where the noise alone meets the curvature (nu sum h), it
+    doubles with h; a factor that does not move shows no such drop."""
+    rng = np.random.default_rng(3)
+    nu, eta, steps, dim = 0.01, 0.05, 40, 4000
+    measured = {}
+    for scale, start in ((1.0, 0.1), (1.0, 0.0), (2.0, 0.0)):
+        h = torch.tensor(rng.uniform(0.5, 1.5, size=dim)) * scale
+        x = torch.nn.Parameter(torch.tensor(rng.normal(scale=start, size=dim)))
+        tracker = MomentTracker({("layer", "A"): x}, secant=True)
+        expected = []
+        for _ in range(steps):
+            x.grad = h * x.detach() + torch.tensor(rng.normal(scale=np.sqrt(nu), size=dim))
+            expected.append(float((h * x.grad * x.grad).sum()))
+            tracker.observe()
+            with torch.no_grad():
+                x -= eta * x.grad
+        measured[scale, start] = tracker.statistics(nu)["layer"]["A"]["K"] / eta
+        assert measured[scale, start] == pytest.approx(np.mean(expected[:-1]), rel=0.1)
+    assert measured[2.0, 0.0] / measured[1.0, 0.0] == pytest.approx(2.0, rel=0.15)
+    still = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    frozen = MomentTracker({("layer", "B"): still}, secant=True)
+    for _ in range(steps):
+        still.grad = torch.tensor(rng.normal(scale=np.sqrt(nu), size=dim))
+        frozen.observe()
+    assert abs(frozen.statistics(nu)["layer"]["B"]["K"]) < 0.2 * measured[1.0, 0.0] * eta  # noise only
+    assert "K" not in MomentTracker({("layer", "B"): still}).statistics(nu)["layer"]["B"]  # only where asked
+
+
+def test_the_secant_score_charges_a_step_on_a_with_the_size_of_b() -> None:
+    """The layer's curvature kappa comes from the trained factor's K; each factor is then charged
+    kappa times its step load, ||partner||^2 (G + nu dim) / r: the same statistics score A lower
+    as B grows, and B is unaffected."""
+    nu, eta, tau, rank = 1e-3, 0.5, 4, 2
+    context = MethodContext(
+        selection=SelectionConfig(score="secant", floor_g=False, beta=0.5), eta=eta, tau=tau, nu=nu, seed=0, rounds=4
+    )
+    method = get_method("aslora", context)
+    stats = {"A": {"G": 1.0, "Q": 0.0, "T": 0.0, "K": 0.0}, "B": {"G": 1.0, "Q": 0.0, "T": 0.0, "K": 0.3}}
+    scores = {}
+    for b_size in (0.5, 2.0):
+        a, b = torch.full((rank, 3), 0.5), torch.full((4, rank), b_size)
+        state = GlobalState(factors={"l": {"A": a, "B": b}}, head={}, scaling={"l": 1.0})
+        update = ClientUpdate(
+            client_id=0, n_examples=10, factors={"l": {"B": b}}, head={}, loss=0.0, examples_seen=10, stats={"l": stats}
+        )
+        memory = method.aggregate(state, [update], [1.0]).memory
+        load_b = float(a.square().sum()) * (1.0 + nu * b.numel()) / rank
+        kappa = 0.3 / (eta * load_b)
+        assert secant_kappa(memory["curvature"]["l"]) == pytest.approx(kappa)
+        load_a = float(b.square().sum()) * (1.0 + nu * a.numel()) / rank
+        assert memory["scores"]["l"]["A"] == pytest.approx(tau * (eta - 0.5 * eta**2 * kappa * load_a))
+        assert memory["scores"]["l"]["B"] == pytest.approx(tau * (eta - 0.5 * eta**2 * kappa * load_b))
+        scores[b_size] = memory["scores"]["l"]
+    assert scores[2.0]["A"] < scores[0.5]["A"] and scores[2.0]["B"] == pytest.approx(scores[0.5]["B"])
+
+
+def test_kappa_weighs_each_round_by_its_load() -> None:
+    """kappa is the ratio of the EMAs of K / eta and of the load: a round of pure noise over a
+    near-zero load (a step on A while B is about 0) barely moves it, where an EMA of per-round
+    ratios would jump by (1 - beta) * 0.01 / 1e-6."""
+    memory = update_curvature(None, {"K": 2.0}, eta=1.0, load=1.0, beta=0.9)
+    assert secant_kappa(memory) == pytest.approx(2.0)
+    memory = update_curvature(memory, {"K": 0.01}, eta=1.0, load=1e-6, beta=0.9)
+    assert secant_kappa(memory) == pytest.approx((0.9 * 2.0 + 0.1 * 0.01) / (0.9 + 0.1e-6))
+    assert secant_kappa(update_curvature(None, {"K": -1.0}, eta=1.0, load=1.0, beta=0.9)) == 0.0
+    assert secant_kappa(None) == 0.0
+
+
+def test_the_confident_rule_alternates_where_the_lead_is_within_its_noise() -> None:
+    """selection.confidence = z: a unit whose EMA lead exceeds z standard errors trains the factor
+    that leads; the others alternate from the factor they trained last."""
+    settings = _settings(confidence=2.0, beta=0.9)
+    shrink = (1 - 0.9) / (1 + 0.9)
+    leads = [0.5, -0.5, 0.05, -0.05, 0.0, 0.5]
+    ema = {layer: {"A": lead, "B": 0.0} for layer, lead in zip(LAYERS, leads, strict=True)}
+    # per-round leads of second moment 1.0: the EMA's standard error is sqrt(shrink) = 0.229
+    lead_sq = dict.fromkeys(LAYERS, 1.0)
+    history = [dict.fromkeys(LAYERS, "A")]
+    mask = decide(3, settings, ema, history, lead_sq)
+    assert 2.0 * np.sqrt(shrink) < 0.5
+    assert [mask[layer] for layer in LAYERS] == ["A", "B", "B", "B", "B", "A"]  # within the noise: A -> B
+    quiet = decide(3, settings, ema, history, dict.fromkeys(LAYERS, 1e-6))  # the same leads, now sure
+    assert [quiet[layer] for layer in LAYERS] == ["A", "B", "A", "B", "B", "A"]
+
+
+def test_the_lead_spread_is_an_ema_of_the_squared_unit_lead() -> None:
+    groups = layer_groups(LAYERS, "group", ("block",))
+    scores = {layer: {"A": 1.0, "B": 0.0} for layer in LAYERS}
+    lead_sq = update_lead_sq({}, scores, groups, beta=0.5)
+    assert lead_sq == {group[0]: 0.5 * 4.0 for group in groups}  # q and v summed: a lead of 2 per block
+    assert update_lead_sq(lead_sq, scores, groups, beta=0.5) == {group[0]: 3.0 for group in groups}

@@ -44,6 +44,12 @@ def _known(name: str, registry: dict[str, Any], what: str) -> str:
     return name
 
 
+def _pair_tasks() -> list[str]:
+    from aslora.tasks.glue import GLUE
+
+    return [name for name, spec in GLUE.items() if len(spec.texts) == 2]
+
+
 def _sentence_tasks() -> list[str]:
     return [name for name, cls in _tasks().items() if cls.sentence_classifier]
 
@@ -77,6 +83,12 @@ class ModelConfig(_Section):
         "auto",
         description="the embedding a classifier reads: 'auto' = the model's declared sentence-transformers "
         "pooling, else the architecture's own head (GLUE tasks only)",
+    )
+    pair_encoding: Literal["auto", "joint", "separate"] = Field(
+        "auto",
+        description="sentence pairs: 'joint' = one sequence; 'separate' = each sentence embedded on its own and "
+        "the head reads [u, v, |u - v|, u * v] (how sentence-transformers trains a bi-encoder); 'auto' = "
+        "'separate' where the model declares its pooling, else 'joint'",
     )
     dropout: float | None = Field(
         None, ge=0, lt=1,
@@ -215,7 +227,8 @@ class SyntheticConfig(_Section):
         return self
 
 
-SCORED = ("curvature", "first_order")  # AS-LoRA's scores that read the clients' gradient statistics
+# AS-LoRA's scores that read the clients' gradient statistics; 'secant' is this project's (README)
+SCORED = ("curvature", "first_order", "secant")
 
 
 class SelectionConfig(_Section):
@@ -224,7 +237,7 @@ class SelectionConfig(_Section):
     rule: Literal["spec", "official"] = Field(
         "spec", description="'spec': sections 4.1-4.3; 'official': the authors' code (section 7)"
     )
-    score: Literal["curvature", "first_order", "random", "always_b", "alternate"] = "curvature"
+    score: Literal["curvature", "first_order", "secant", "random", "always_b", "alternate"] = "curvature"
     granularity: Literal["layer", "tied", "group"] = "layer"
     groups: Strings = Field(
         ("block",),
@@ -238,6 +251,11 @@ class SelectionConfig(_Section):
         None, gt=0, le=1,
         description="a joint decision: this share of the layers (units) trains A each round, those "
         "where A's EMA score leads B's by the most; null = each unit decides alone (ALGORITHM.md 4.3)",
+    )
+    confidence: float | None = Field(
+        None, gt=0,
+        description="the score decides a unit only where its EMA lead exceeds this many standard errors; "
+        "elsewhere the unit alternates (RoLoRA); null = the score always decides (ALGORITHM.md 4.3)",
     )
     ema_from: Literal["all", "frozen"] = Field(
         "all",
@@ -258,7 +276,10 @@ class SelectionConfig(_Section):
 
     @model_validator(mode="after")
     def _spec_only_settings(self) -> SelectionConfig:
-        changed = {"a_budget": self.a_budget is not None, "ema_from": self.ema_from != "all", "floor_g": not self.floor_g}
+        changed = {
+            "a_budget": self.a_budget is not None, "confidence": self.confidence is not None,
+            "ema_from": self.ema_from != "all", "floor_g": not self.floor_g,
+        }
         inert = [k for k, on in changed.items() if on] if self.rule != "spec" or self.score not in SCORED else []
         if inert:
             raise ValueError(
@@ -266,10 +287,15 @@ class SelectionConfig(_Section):
                 f"{self.score!r} it would do nothing: set rule 'spec' and score 'curvature' or 'first_order', "
                 f"or leave {inert[0]} at its default"
             )
-        if self.a_budget is not None and (self.hysteresis > 0 or self.min_dwell > 1):
+        joint = "a_budget" if self.a_budget is not None else "confidence" if self.confidence is not None else None
+        if joint and (self.hysteresis > 0 or self.min_dwell > 1):
             raise ValueError(
-                "selection.hysteresis and min_dwell act on the per-unit rule, not under selection.a_budget: "
-                "leave them at 0 and 1, or set a_budget null"
+                f"selection.hysteresis and min_dwell act on the greedy per-unit rule, not under selection.{joint}: "
+                f"leave them at 0 and 1, or set {joint} null"
+            )
+        if self.a_budget is not None and self.confidence is not None:
+            raise ValueError(
+                "selection.a_budget and selection.confidence are two decision rules: set one of them, not both"
             )
         return self
 
@@ -360,6 +386,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} is offered for GLUE sentence classifiers; task "
                 f"'{data.task}' runs in float32: remove model.dtype"
+            )
+        if self.model.pair_encoding == "separate" and (not sentence_classifier or data.task not in _pair_tasks()):
+            raise ValueError(
+                f"model.pair_encoding='separate' embeds the two sentences of a pair apart; task '{data.task}' "
+                f"has no sentence pairs: keep 'auto' (pair tasks: {_pair_tasks()})"
             )
         if self.model.pooling != "auto" and not sentence_classifier:
             raise ValueError(

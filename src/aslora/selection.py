@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FactorStats = dict[str, dict[str, dict[str, float]]]  # layer -> factor -> {"G", "Q", "T"}
+FactorStats = dict[str, dict[str, dict[str, float]]]  # layer -> factor -> {"G", "Q", "T", "K"}
 SCHEDULES = ("random", "always_b", "alternate")  # choices made without statistics
 
 
@@ -30,12 +30,19 @@ class MomentTracker:
     """
 
     def __init__(
-        self, factors: Mapping[tuple[str, str], torch.nn.Parameter], scales: Mapping[tuple[str, str], float] | None = None
+        self,
+        factors: Mapping[tuple[str, str], torch.nn.Parameter],
+        scales: Mapping[tuple[str, str], float] | None = None,
+        secant: bool = False,
     ) -> None:
         self.factors = dict(factors)
+        self.secant = secant  # also K, the secant curvature of consecutive steps (score 'secant')
         self.scales = {key: (scales or {}).get(key, 1.0) for key in self.factors}
         self.total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
         self.total_sq = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
+        self.previous: dict[tuple[str, str], torch.Tensor] = {}
+        self.lag_sq = dict.fromkeys(self.factors, 0.0)  # sum over steps with a successor of ||g_t||^2
+        self.lag_cross = dict.fromkeys(self.factors, 0.0)  # sum of <g_t, g_{t+1}>
         self.steps = 0
 
     @torch.no_grad()
@@ -47,16 +54,22 @@ class MomentTracker:
             g = p.grad.detach().to(torch.float64) * self.scales[key]
             self.total[key] += g
             self.total_sq[key] += g * g
+            if key in self.previous:
+                before = self.previous[key]
+                self.lag_sq[key] += float((before * before).sum())
+                self.lag_cross[key] += float((before * g).sum())
+            self.previous[key] = g.clone()
         self.steps += 1
 
     def statistics(self, nu: float) -> FactorStats:
-        """G, Q, T per layer and factor, debiased by the per-coordinate noise variance `nu`."""
+        """G, Q, T (and K) per layer and factor, debiased by the per-coordinate noise variance `nu`."""
         stats: FactorStats = {}
         for (layer, factor), total in self.total.items():
-            stats.setdefault(layer, {})[factor] = moment_statistics(
-                total / max(self.steps, 1), self.total_sq[(layer, factor)] / max(self.steps, 1), self.steps,
-                nu * self.scales[(layer, factor)] ** 2,
-            )
+            key, factor_nu = (layer, factor), nu * self.scales[(layer, factor)] ** 2
+            values = moment_statistics(total / max(self.steps, 1), self.total_sq[key] / max(self.steps, 1), self.steps, factor_nu)
+            if self.secant:
+                values["K"] = secant_statistic(self.lag_sq[key], self.lag_cross[key], self.steps - 1, factor_nu * total.numel())
+            stats.setdefault(layer, {})[factor] = values
         return stats
 
 
@@ -104,6 +117,19 @@ def moment_statistics(m1: torch.Tensor, m2: torch.Tensor, steps: int, nu: float)
     fisher = torch.clamp(m2 - nu, min=0.0)
     g = float((m1 * m1).sum()) - nu * m1.numel() / steps
     return {"G": g, "Q": float((fisher * m1 * m1).sum()), "T": float(fisher.sum())}
+
+
+def secant_statistic(lag_sq: float, lag_cross: float, pairs: int, noise: float) -> float:
+    """K = mean over consecutive steps of (||g_t||^2 - noise) - <g_t, g_{t+1}>: about eta E[g^T H g].
+
+    Why: after a step -eta g_t the gradient becomes g_t - eta H g_t plus fresh
+    noise, so the drop of the privatised gradient along itself measures the
+    curvature that the step met, DP noise included (E[g^T H g] = grad^T H grad
+    + nu tr H). `noise` = nu dim removes the noise of ||g_t||^2. Only the
+    trained factor's K means that (a frozen factor's gradient changes through
+    the others); 0 without two steps. Post-processing of released gradients.
+    """
+    return (lag_sq - pairs * noise - lag_cross) / pairs if pairs > 0 else 0.0
 
 
 def floor_g(stats: FactorStats) -> FactorStats:
@@ -154,6 +180,52 @@ def score(stats: Mapping[str, float], settings: ScoreSettings, clients: int) -> 
     curvature = 0.5 * eta_r**2 * stats["Q"]
     smoothing = 0.5 * settings.eta**2 * (settings.tau * settings.nu / max(clients, 1)) * stats["T"]
     return first - curvature - smoothing
+
+
+# The secant score (this project's; README "AS-LoRA's score") ------------------------------------
+#
+# Why: a step on A moves the weight by s B dA and a step on B by s dB A, so the DP noise a
+# step puts into W, and the loss it costs, grows with the OTHER factor's size: A's noise with
+# ||B||^2, B's with ||A||^2. The spec's Q and T come from batch-mean gradients and are far too
+# small to see that. Here the weight-space curvature kappa of each layer (one number, shared by
+# its two factors) is measured from the trained factor's secant K, and each factor is charged
+# kappa times its own noise load.
+
+
+def step_load(stats: Mapping[str, float], other_norm_sq: float, rank: int, nu: float, dim: int) -> float:
+    """||other||^2 (G + nu dim) / r: E[g^T H g] of a step on this factor, per unit of weight-space curvature.
+
+    With H_W = kappa I, a step g on A lands in W as s B g (and on B as s g A), whose expected
+    squared norm is about ||other||^2 E||g||^2 / r for a factor whose r components are alike.
+    """
+    return other_norm_sq * (max(stats["G"], 0.0) + nu * dim) / rank
+
+
+def update_curvature(
+    memory: Mapping[str, float] | None, stats: Mapping[str, float], eta: float, load: float, beta: float
+) -> dict[str, float]:
+    """The layer's running sums for kappa: EMAs of K / eta (about E[g^T H g]) and of the load.
+
+    kappa is their ratio, not an EMA of per-round ratios: a round whose load is near 0 (a step
+    on A while B is still near 0) measures K of pure noise over a near-zero load, and must
+    weigh little, not blow kappa up. The first measurement starts both EMAs.
+    """
+    measured = {"K": stats["K"] / eta, "load": load}
+    if memory is None:
+        return measured
+    return {k: beta * memory[k] + (1 - beta) * v for k, v in measured.items()}
+
+
+def kappa(memory: Mapping[str, float] | None) -> float:
+    """The layer's weight-space curvature from its running sums (0 before any, never negative)."""
+    if memory is None or memory["load"] <= 0:
+        return 0.0
+    return max(memory["K"], 0.0) / memory["load"]
+
+
+def secant_score(stats: Mapping[str, float], eta: float, tau: int, curvature: float, load: float) -> float:
+    """Predicted loss decrease of tau steps on this factor: tau (eta G - eta^2 kappa load / 2)."""
+    return tau * (eta * stats["G"] - 0.5 * eta**2 * curvature * load)
 
 
 def layer_groups(layers: Sequence[str], granularity: str, patterns: Sequence[str] = ()) -> list[list[str]]:
@@ -218,6 +290,8 @@ class DecisionSettings:
     warmup_rounds: int
     seed: int
     a_budget: float | None = None  # selection.a_budget: the share of units that train A each round
+    confidence: float | None = None  # selection.confidence: the lead, in standard errors, that decides
+    beta: float = 0.9  # the EMA's factor, which sets the standard error of an EMA lead
 
 
 def decide(
@@ -225,6 +299,7 @@ def decide(
     settings: DecisionSettings,
     ema: Mapping[str, Mapping[str, float]],
     history: Sequence[Mapping[str, str]],
+    lead_sq: Mapping[str, float] | None = None,
 ) -> dict[str, str]:
     """The factor every layer trains in `round_index`.
 
@@ -245,6 +320,8 @@ def decide(
         return {layer: "AB"[int(c)] for group, c in zip(settings.groups, coins, strict=True) for layer in group}
     if settings.a_budget is not None:
         return decide_budget(settings.groups, ema, settings.a_budget)
+    if settings.confidence is not None:
+        return decide_confident(settings, ema, history, lead_sq or {})
     previous = history[-1] if history else dict.fromkeys(layers, "B")
     mask = {}
     for group in settings.groups:
@@ -273,6 +350,52 @@ def decide_budget(groups: Sequence[Sequence[str]], ema: Mapping[str, Mapping[str
     lead = [group_score(ema, group, "A") - group_score(ema, group, "B") for group in groups]
     chosen = set(sorted(range(len(groups)), key=lambda i: -lead[i])[:count])
     return {layer: "A" if i in chosen else "B" for i, group in enumerate(groups) for layer in group}
+
+
+def unit_lead(scores: Mapping[str, Mapping[str, float]], group: Sequence[str]) -> float:
+    """How far A's score leads B's over a unit's layers (negative: B leads)."""
+    return group_score(scores, group, "A") - group_score(scores, group, "B")
+
+
+def update_lead_sq(
+    lead_sq: Mapping[str, float], scores: Mapping[str, Mapping[str, float]], groups: Sequence[Sequence[str]], beta: float
+) -> dict[str, float]:
+    """Each unit's EMA of its squared per-round lead (keyed by its first layer): the spread that
+    selection.confidence measures the EMA lead against."""
+    new = dict(lead_sq)
+    for group in groups:
+        new[group[0]] = beta * new.get(group[0], 0.0) + (1 - beta) * unit_lead(scores, group) ** 2
+    return new
+
+
+def decide_confident(
+    settings: DecisionSettings,
+    ema: Mapping[str, Mapping[str, float]],
+    history: Sequence[Mapping[str, str]],
+    lead_sq: Mapping[str, float],
+) -> dict[str, str]:
+    """The score decides where it is sure; elsewhere the unit alternates (selection.confidence).
+
+    Why: under DP a unit's per-round scores are often noise around a lead of 0, and the greedy
+    rule of 4.3 then trains whichever factor the noise favours, for many rounds; a factor
+    trained while its partner is near 0 moves by noise alone. Alternation (RoLoRA) is the exact
+    schedule that needs no statistics, so it is the default here, and a unit leaves it only for
+    the factor whose EMA lead exceeds `confidence` standard errors. The standard error of an EMA
+    of per-round leads of second moment m2 is sqrt(m2 (1 - beta) / (1 + beta)) (the uncentred
+    moment: conservative).
+    """
+    previous = history[-1] if history else {}
+    shrink = (1 - settings.beta) / (1 + settings.beta)
+    mask = {}
+    for group in settings.groups:
+        lead = group_score(ema, group, "A") - max(group_score(ema, group, "B"), 0.0)
+        margin = settings.confidence * math.sqrt(lead_sq.get(group[0], 0.0) * shrink)
+        if abs(lead) > margin:
+            factor = "A" if lead > 0 else "B"
+        else:
+            factor = "A" if previous.get(group[0], "A") == "B" else "B"
+        mask.update(dict.fromkeys(group, factor))
+    return mask
 
 
 # The authors' rule (ALGORITHM.md section 7) ------------------------------------

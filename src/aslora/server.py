@@ -168,12 +168,13 @@ def layout_problem(
 
 
 def value_problem(update: ClientUpdate) -> str | None:
-    """Whether any tensor or score statistic is non-finite (or a statistic other than G negative).
+    """Whether any tensor or score statistic is non-finite (or a statistic other than G, K negative).
 
-    G is an unbiased estimate of a squared norm, so noise can make it negative.
+    G is an unbiased estimate of a squared norm and K a difference of two (the secant), so
+    noise can make either negative.
     """
     values = [(k, v) for fs in update.stats.values() for s in fs.values() for k, v in s.items()]
-    if not all(math.isfinite(v) and (v >= 0 or k == "G") for k, v in values):
+    if not all(math.isfinite(v) and (v >= 0 or k in ("G", "K")) for k, v in values):
         return "its score statistics are negative or non-finite"
     for name, tensor in update.tensors().items():
         if not torch.isfinite(tensor).all():

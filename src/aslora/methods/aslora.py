@@ -14,13 +14,18 @@ rule minus that term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from aslora.adapters import FACTORS
 from aslora.config import SCORED
 from aslora.methods.base import AveragingMethod, MethodContext
 from aslora.protocol import ClientUpdate, GlobalState, Mask
+
+if TYPE_CHECKING:
+    from aslora.config import ExperimentConfig
 from aslora.selection import (
     DecisionSettings,
+    FactorStats,
     ScoreSettings,
     decide,
     decide_official,
@@ -28,7 +33,12 @@ from aslora.selection import (
     mean_statistics,
     official_warmup,
     score,
+    kappa,
+    secant_score,
+    step_load,
+    update_curvature,
     update_ema,
+    update_lead_sq,
 )
 
 
@@ -46,6 +56,11 @@ class ASLoRA(AveragingMethod):
         "aslora unfloored": {"method": "aslora", "selection.floor_g": False},
         "aslora frozen": {"method": "aslora", "selection.ema_from": "frozen"},
         "aslora budget": {"method": "aslora", "selection.a_budget": 0.5, "selection.floor_g": False},
+        # this project's score and decision (README "AS-LoRA's score"): needs 2+ local steps
+        "aslora secant": {
+            "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
+            "selection.score_clip_share": 0.1, "selection.confidence": 0.5,
+        },
         # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
         "aslora official": {
             "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
@@ -53,11 +68,23 @@ class ASLoRA(AveragingMethod):
         },
     }
 
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        selection = config.selection
+        if selection.rule == "spec" and selection.score == "secant" and config.federation.local_steps < 2:
+            raise ValueError(
+                "selection.score='secant' measures curvature between consecutive local steps: set "
+                f"federation.local_steps to 2 or more (it is {config.federation.local_steps}), or choose "
+                "score 'curvature'"
+            )
+
     def __init__(self, context: MethodContext) -> None:
         self.context = context
         self.official = context.selection.rule == "official"
         if self.official:
             self.statistics = "last_step"
+        elif context.selection.score == "secant":
+            self.statistics = "secant"
         elif context.selection.score in SCORED:
             self.statistics = "moments"
 
@@ -71,6 +98,8 @@ class ASLoRA(AveragingMethod):
             warmup_rounds=c.warmup_rounds,
             seed=self.context.seed,
             a_budget=c.a_budget,
+            confidence=c.confidence,
+            beta=c.beta,
         )
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
@@ -80,7 +109,9 @@ class ASLoRA(AveragingMethod):
             warmup = official_warmup(self.context.rounds)
             mask = decide_official(round_index, decision.groups, memory.get("ema", {}), warmup, self.context.seed)
         else:
-            mask = decide(round_index, decision, memory.get("ema", {}), memory.get("history", []))
+            mask = decide(
+                round_index, decision, memory.get("ema", {}), memory.get("history", []), memory.get("lead_sq")
+            )
         return {layer: (factor,) for layer, factor in mask.items()}
 
     def aggregate(
@@ -97,23 +128,65 @@ class ASLoRA(AveragingMethod):
             scores = {layer: {f: v["S"] for f, v in fs.items()} for layer, fs in stats.items()}
             ema = update_ema(memory["ema"], scores, self.context.selection.beta)
             memory.update(stats=stats, scores=scores, ema=ema)
-        elif self.statistics == "moments":
+        elif self.statistics is not None:
             stats = mean_statistics([u.stats for u in updates], weights)
             c = self.context
-            settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in ("A", "B")}
-            scores = {
-                layer: {f: score(values, settings[f], len(updates)) for f, values in factors.items()}
-                for layer, factors in stats.items()
-            }
+            if self.statistics == "secant":
+                curvature = self._curvature(state, stats, trained)
+                scores = self._secant_scores(new, stats, curvature)
+                memory["curvature"] = curvature
+            else:
+                settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in FACTORS}
+                scores = {
+                    layer: {f: score(values, settings[f], len(updates)) for f, values in factors.items()}
+                    for layer, factors in stats.items()
+                }
             smoothed = scores
             if c.selection.ema_from == "frozen":  # the trained factor's statistics saw it move: not comparable
                 smoothed = {layer: {f: v for f, v in fs.items() if f != trained[layer]} for layer, fs in scores.items()}
             memory.update(stats=stats, scores=scores, ema=update_ema(memory["ema"], smoothed, c.selection.beta))
+            if c.selection.confidence is not None:
+                groups = self._decision(state).groups
+                memory["lead_sq"] = update_lead_sq(state.memory.get("lead_sq", {}), scores, groups, c.selection.beta)
         return new.evolve(memory=memory)
+
+    def _load(self, state: GlobalState, layer: str, factor: str, stats: dict[str, float]) -> float:
+        """The step load of `factor` at `state` (selection.step_load): its partner's size, its noise."""
+        factors = state.factors[layer]
+        partner = factors["B" if factor == "A" else "A"]
+        rank = factors["A"].shape[0]
+        return step_load(stats, float(partner.double().square().sum()), rank, self.context.nu, factors[factor].numel())
+
+    def _curvature(
+        self, state: GlobalState, stats: FactorStats, trained: dict[str, str]
+    ) -> dict[str, dict[str, float]]:
+        """Each layer's running sums for kappa, from the factor it trained this round (at `state`)."""
+        curvature = dict(state.memory.get("curvature", {}))
+        for layer, factors in stats.items():
+            f = trained[layer]
+            load = self._load(state, layer, f, factors[f])
+            curvature[layer] = update_curvature(
+                curvature.get(layer), factors[f], self.context.eta_of(f), load, self.context.selection.beta
+            )
+        return curvature
+
+    def _secant_scores(
+        self, new: GlobalState, stats: FactorStats, curvature: dict[str, dict[str, float]]
+    ) -> FactorStats:
+        """Each factor's predicted decrease over the next round, at the new factors' sizes."""
+        c = self.context
+        return {
+            layer: {
+                f: secant_score(v, c.eta_of(f), c.tau, kappa(curvature.get(layer)), self._load(new, layer, f, v))
+                for f, v in factors.items()
+            }
+            for layer, factors in stats.items()
+        }
 
     def weight(self, n_examples: int) -> int:
         return 1 if self.official else n_examples  # the authors average without weights
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """The round's mean statistics, raw scores and EMA scores per layer, for metrics.jsonl."""
-        return {k: state.memory[k] for k in ("stats", "scores", "ema") if k in state.memory}
+        keys = ("stats", "scores", "ema", "curvature", "lead_sq")
+        return {k: state.memory[k] for k in keys if k in state.memory}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -58,7 +59,9 @@ def _plain(view: LoraView, mask: Mask, train_head: bool, share: float | None) ->
     return ClientRule(view.set_trainable(mask, train_head))
 
 
-def _moments(view: LoraView, mask: Mask, train_head: bool, share: float | None) -> ClientRule:
+def _moments(
+    view: LoraView, mask: Mask, train_head: bool, share: float | None, secant: bool = False
+) -> ClientRule:
     """Every factor joins the per-sample gradient (one joint clip, or with `share` the inactive
     factors clipped to that share of C^2 and the rest to the remainder); the privatised gradient of
     every factor feeds the moment tracker, and only the masked factors are updated."""
@@ -70,7 +73,9 @@ def _moments(view: LoraView, mask: Mask, train_head: bool, share: float | None) 
         trained = [p for p in params if all(p is not q for q in frozen)]
         clip_groups = [(frozen, share), (trained, 1 - share)]
         scales = dict.fromkeys(inactive, math.sqrt((1 - share) / share))
-    tracker = MomentTracker({(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS}, scales)
+    tracker = MomentTracker(
+        {(layer, f): view.parameter(layer, f) for layer in view.layers for f in FACTORS}, scales, secant
+    )
 
     def on_gradient() -> None:
         tracker.observe()
@@ -86,10 +91,17 @@ def _last_step(view: LoraView, mask: Mask, train_head: bool, share: float | None
     return ClientRule(view.set_trainable(mask, train_head), tracker, tracker.observe)
 
 
+def _every_factor(layers: list[str], mask: Mask) -> dict[str, set[str]]:
+    """Statistics of both factors of every layer, trained or not."""
+    return {layer: set(FACTORS) for layer in layers}
+
+
 KINDS: dict[str | None, Kind] = {
     None: Kind("none", _plain, lambda layers, mask: {}),
-    "moments": Kind("moments", _moments, lambda layers, mask: {layer: set(FACTORS) for layer in layers}),
+    "moments": Kind("moments", _moments, _every_factor),
     "last_step": Kind("last_step", _last_step),
+    # the moments and K, the secant curvature of consecutive privatised gradients (score 'secant')
+    "secant": Kind("secant", partial(_moments, secant=True), _every_factor),
 }
 
 

@@ -32,7 +32,7 @@ from aslora.config import ExperimentConfig
 from aslora.memory import check_micro_batch
 from aslora.pretrained import load_pretrained, native_bfloat16, resolve_dtype, resolve_model
 from aslora.tasks.common import DataFormatError, DataNotFoundError, data_root, with_lora
-from aslora.tasks.pooling import pooled_classifier, resolve_pooling
+from aslora.tasks.pooling import pooled_classifier, resolve_pair_encoding, resolve_pooling
 
 log = logging.getLogger(__name__)
 HUB_DATASET = "nyu-mll/glue"
@@ -227,6 +227,11 @@ def _check_texts(split: datasets.Dataset, columns: str | Sequence[str], source: 
         )
 
 
+def _tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each row's token count (over both sentences of a separately embedded pair)."""
+    return sum(mask.sum(dim=1) for mask in tensors[1:-1:2])
+
+
 @dataclass
 class GlueTask:
     """One GLUE classification task with its tokenizer and splits."""
@@ -243,6 +248,7 @@ class GlueTask:
     model_path: str
     max_length: int
     pooling: str | None  # see tasks/pooling.py; None: the architecture's own head
+    pairs: bool  # the two sentences of a pair embedded apart (model.pair_encoding 'separate')
     dtype: str  # the frozen encoder's, model.dtype made concrete ('auto' resolved on this machine)
     metric: str = "accuracy"
     extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
@@ -291,21 +297,24 @@ class GlueTask:
             model_path=model_path,
             max_length=config.model.max_length,
             pooling=pooling,
+            pairs=resolve_pair_encoding(config.model.pair_encoding, len(spec.texts), pooling, model_path),
             dtype=dtype,
             extra_evals=evals,
         )
 
     def encode(self, split: datasets.Dataset) -> TensorDataset:
-        """Token ids, attention mask and label as tensors (a pair as one sequence, padded to max_length)."""
-        enc = self.tokenizer(
-            *(_column(split, column) for column in self.texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding="max_length",
-            return_tensors="pt",
-        )
+        """Token ids, attention mask and label as tensors, padded to max_length: a pair as one
+        sequence, or with `pairs` each sentence apart (ids, mask, ids_b, mask_b, label)."""
+        columns = [_column(split, column) for column in self.texts]
+        groups = [[c] for c in columns] if self.pairs else [columns]
+        tensors = []
+        for texts in groups:
+            enc = self.tokenizer(
+                *texts, truncation=True, max_length=self.max_length, padding="max_length", return_tensors="pt"
+            )
+            tensors += [enc["input_ids"], enc["attention_mask"]]
         labels = torch.tensor(_column(split, "label"), dtype=torch.long)
-        return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+        return TensorDataset(*tensors, labels)
 
     def encode_train(self, split: datasets.Dataset) -> TensorDataset:
         """`encode`, its rows sorted by token count.
@@ -318,7 +327,7 @@ class GlueTask:
         same sum of clipped gradients is computed.
         """
         data = self.encode(split)
-        order = torch.argsort(data.tensors[1].sum(dim=1), stable=True)
+        order = torch.argsort(_tokens(data.tensors), stable=True)
         return TensorDataset(*(t[order] for t in data.tensors))
 
     def build_model(self, config: ExperimentConfig) -> PeftModel:
@@ -335,20 +344,19 @@ class GlueTask:
             )
             hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
             return with_lora(base, config.lora, config.model.dropout, TaskType.SEQ_CLS, hint)
-        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype)
+        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype, self.pairs)
         hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and 'pooler' only with model.pooling='pooler')"
         return with_lora(base, config.lora, config.model.dropout, None, hint)
 
     @staticmethod
     def _inputs(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Model inputs with padding trimmed to the longest sequence in the batch."""
-        input_ids, attention_mask, labels = batch
-        length = max(1, int(attention_mask.sum(dim=1).max()))
-        return {
-            "input_ids": input_ids[:, :length],
-            "attention_mask": attention_mask[:, :length],
-            "labels": labels,
-        }
+        """Model inputs with padding trimmed to the longest sequence in the batch (each sentence's, for
+        separately embedded pairs)."""
+        inputs = {"labels": batch[-1]}
+        for suffix, (ids, mask) in zip(("", "_b"), zip(batch[:-1:2], batch[1:-1:2], strict=True), strict=False):
+            length = max(1, int(mask.sum(dim=1).max()))
+            inputs |= {f"input_ids{suffix}": ids[:, :length], f"attention_mask{suffix}": mask[:, :length]}
+        return inputs
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean cross-entropy of the batch."""
@@ -360,11 +368,11 @@ class GlueTask:
         model.eval()
         correct, loss_sum = 0, 0.0
         # Length-sorted batches carry little padding: evaluation is about twice as fast.
-        order = torch.argsort(data.tensors[1].sum(dim=1))
+        order = torch.argsort(_tokens(data.tensors))
         for start in range(0, len(data), batch_size):
             batch = data[order[start : start + batch_size]]
             out = model(**self._inputs(batch))
-            correct += int((out.logits.argmax(-1) == batch[2]).sum())
-            loss_sum += float(out.loss) * len(batch[2])
+            correct += int((out.logits.argmax(-1) == batch[-1]).sum())
+            loss_sum += float(out.loss) * len(batch[-1])
         model.train()
         return {"accuracy": correct / len(data), "eval_loss": loss_sum / len(data)}

@@ -10,6 +10,13 @@ worse than on the mean (0.659 against 0.792 on SST-2). `model.pooling`:
   (`AutoModelForSequenceClassification`, e.g. BERT's pooler, RoBERTa's head);
 - `mean`, `cls`: the masked mean of the last hidden states, or the first token;
 - `pooler`: the encoder's trained pooler output (dense + tanh over CLS).
+
+Sentence pairs (`model.pair_encoding`): a sentence-transformers model is a
+bi-encoder, trained to embed each sentence on its own; its classification
+objective (SoftmaxLoss) reads `[u, v, |u - v|, u * v]`. A linear probe on frozen
+MiniLM features of 9,000 QNLI training pairs scores 0.72 on 1,000 held-out
+pairs that way, 0.57 with the pair run through the encoder as one sequence
+(benchmarks/RESULTS.md): 'separate' builds that head.
 """
 
 from __future__ import annotations
@@ -48,6 +55,23 @@ def declared_pooling(model_path: str) -> str | None:
     return modes.pop()
 
 
+def resolve_pair_encoding(pair_encoding: str, texts: int, pooling: str | None, model_path: str) -> bool:
+    """Whether a task of `texts` columns embeds its two sentences apart (model.pair_encoding).
+
+    'auto' does for a model that declares its pooling: a sentence-transformers bi-encoder.
+    """
+    if texts != 2:
+        return False
+    if pair_encoding == "separate" and pooling is None:
+        raise ConfigError(
+            "model.pair_encoding='separate' needs a pooled embedding per sentence, and this model declares no "
+            "pooling: set model.pooling to 'mean', 'cls' or 'pooler', or model.pair_encoding = 'joint'"
+        )
+    if pair_encoding == "auto":
+        return pooling is not None and declared_pooling(model_path) is not None
+    return pair_encoding == "separate"
+
+
 def resolve_pooling(pooling: str, model_path: str, dtype: str = "float32") -> str | None:
     """The pooling to build with, or None for the architecture's own head ('auto' without a declaration).
 
@@ -78,12 +102,13 @@ _WITH_POOLER = ("bert", "roberta", "xlm-roberta", "electra", "albert", "mpnet", 
 class PooledClassifier(torch.nn.Module):
     """A pretrained encoder, its pooling and a linear `classifier`: what sentence-transformers trained."""
 
-    def __init__(self, encoder: PreTrainedModel, pooling: str, num_labels: int) -> None:
+    def __init__(self, encoder: PreTrainedModel, pooling: str, num_labels: int, pairs: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.pairs = pairs  # separately embedded sentence pairs: the head reads [u, v, |u - v|, u * v]
         self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.0))
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size * (4 if pairs else 1), num_labels)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sentence embedding the head reads.
@@ -101,16 +126,44 @@ class PooledClassifier(torch.nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_ids_b: torch.Tensor | None = None,
+        attention_mask_b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The embedding, or for separate pairs [u, v, |u - v|, u * v].
+
+        The encoder runs once per sentence; each example's per-sample gradient
+        (Opacus) is the sum over both passes, so DP-SGD clips the pair as one.
+        """
+        u = self.embed(input_ids, attention_mask)
+        if not self.pairs:
+            return u
+        if input_ids_b is None or attention_mask_b is None:
+            raise ValueError("a pair classifier needs input_ids_b and attention_mask_b (the second sentence)")
+        v = self.embed(input_ids_b, attention_mask_b)
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        input_ids_b: torch.Tensor | None = None,
+        attention_mask_b: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
-        logits = self.classifier(self.dropout(self.embed(input_ids, attention_mask)))
+        logits = self.classifier(self.dropout(self.features(input_ids, attention_mask, input_ids_b, attention_mask_b)))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def pooled_classifier(model_path: str, pooling: str, num_labels: int, dtype: str = "float32") -> PooledClassifier:
-    """The encoder at `model_path` (without its own head) under `pooling`, and a fresh head (seed first).
+def pooled_classifier(
+    model_path: str, pooling: str, num_labels: int, dtype: str = "float32", pairs: bool = False
+) -> PooledClassifier:
+    """The encoder at `model_path` (without its own head) under `pooling`, and a fresh head (seed first);
+    `pairs`: the head of separately embedded sentence pairs.
 
     With dtype 'bfloat16' the frozen encoder's weights are bfloat16 (on CPUs with AMX
     about 2.5x faster per DP-SGD example) while the head stays float32, and so do the
@@ -122,6 +175,6 @@ def pooled_classifier(model_path: str, pooling: str, num_labels: int, dtype: str
         # An unused pooler would be a module with no gradient: Opacus fails on it
         # mid-round if lora.head_modules names it, so it goes, and naming it fails first.
         encoder.pooler = None
-    model = PooledClassifier(encoder, pooling, num_labels)
+    model = PooledClassifier(encoder, pooling, num_labels, pairs)
     model.encoder.to(getattr(torch, dtype))
     return model
