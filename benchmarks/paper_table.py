@@ -38,7 +38,7 @@ import numpy as np
 from data_dir import add_data_dir
 from scipy import stats
 
-from aslora.config import ExperimentConfig, load_config
+from aslora.config import ConfigError, ExperimentConfig, load_config
 from aslora.experiment import run_experiment
 from aslora.methods import ABLATIONS, NAMES
 from aslora.report import plot_comparison, rounds_to_reach
@@ -126,15 +126,29 @@ def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric
     }
 
 
-def run(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str) -> None:
+def run(
+    suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str,
+    explicit: bool = True,
+) -> None:
+    """Every missing cell; a variant the task's regime cannot run is an error before anything trains
+    where --variants named it, and is left out with a note where it came from the default list."""
     finished = {_key(r) for r in load_rows(suite)}
+    todo = []
     for task, fingerprint, eps, variant, seed, folder in cells(suite, tasks, epsilons, seeds, variants):
         if (task, fingerprint, eps, variant, seed) in finished:
             continue
-        config = task_config(suite, task).for_method(
-            VARIANTS[variant]["method"],
-            {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir},
-        )
+        try:  # every cell's config is checked before the first one trains
+            config = task_config(suite, task).for_method(
+                VARIANTS[variant]["method"],
+                {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir},
+            )
+        except ConfigError as exc:
+            if explicit:
+                raise ConfigError(f"{task}, variant '{variant}': {exc} (leave it out of --variants)") from None
+            print(f"left out: {task} '{variant}', which this regime cannot run: {exc}", flush=True)
+            continue
+        todo.append((task, fingerprint, eps, variant, seed, folder, config))
+    for task, fingerprint, eps, variant, seed, folder, config in todo:
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json") if not (p.parent / "summary.json").exists())
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
@@ -253,17 +267,23 @@ def main() -> None:
     parser.add_argument("--tasks", default="sst2,qnli,mnli")
     parser.add_argument("--epsilons", default="3")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; names with spaces allowed")
+    parser.add_argument(
+        "--variants", default="",
+        help="comma-separated; names with spaces allowed (default: every variant the task's regime can run)",
+    )
     add_data_dir(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if args.action == "run":
         epsilons = [float(e) for e in args.epsilons.split(",")]
-        run(args.suite, args.tasks.split(","), epsilons, args.seeds, variants, args.data_dir)
+        try:
+            run(args.suite, args.tasks.split(","), epsilons, args.seeds, variants, args.data_dir, bool(args.variants))
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
     print(table(args.suite))
 
 

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import paper_table
 
+from aslora.config import ConfigError
+
 
 def _row(variant: str, seed: int, curve: list[float]) -> dict:
     summary = {
@@ -68,3 +70,13 @@ def test_a_regime_fingerprint_changes_with_a_setting_not_with_a_comment_or_a_cel
     assert paper_table.regime("cpu", "sst2", "aslora tied") == aslora == paper_table.regime("cpu", "sst2", "aslora")
     row = _row("aslora", 0, [0.6, 0.8])
     assert paper_table._key(row) != paper_table._key(row | {"regime": before})
+
+
+def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/paper/sst2.toml takes one local step per round; 'aslora secant' needs two."""
+    with pytest.raises(ConfigError, match=r"(?s)aslora secant.*local_steps to 2 or more"):
+        paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir))
+    paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir), explicit=False)  # trains nothing
+    assert "left out: sst2 'aslora secant'" in capsys.readouterr().out

@@ -228,7 +228,7 @@ def test_a_bi_encoder_embeds_the_two_sentences_of_a_pair_apart(data_dir: Path) -
     task = load_task(config)
     assert task.pairs
     data = task.encode(task.eval.select(range(3)))
-    ids, mask, ids_b, mask_b, labels = data.tensors
+    ids, mask, ids_b, mask_b, _ = data.tensors
     model = task.build_model(config).eval()
     classifier = model.base_model.model
     assert classifier.classifier.in_features == 4 * classifier.encoder.config.hidden_size

@@ -14,26 +14,23 @@ rule minus that term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from aslora.adapters import FACTORS
-from aslora.config import SCORED
+from aslora.config import SCORED, ExperimentConfig
 from aslora.methods.base import AveragingMethod, MethodContext
 from aslora.protocol import ClientUpdate, GlobalState, Mask
-
-if TYPE_CHECKING:
-    from aslora.config import ExperimentConfig
 from aslora.selection import (
     DecisionSettings,
     FactorStats,
     ScoreSettings,
     decide,
     decide_official,
+    kappa,
     layer_groups,
     mean_statistics,
     official_warmup,
     score,
-    kappa,
     secant_score,
     step_load,
     update_curvature,
