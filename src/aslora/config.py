@@ -284,7 +284,7 @@ class SelectionConfig(_Section):
         if inert:
             raise ValueError(
                 f"selection.{inert[0]} acts on the scores of the spec rule; with rule {self.rule!r} and score "
-                f"{self.score!r} it would do nothing: set rule 'spec' and score 'curvature' or 'first_order', "
+                f"{self.score!r} it would do nothing: set rule 'spec' and score {' or '.join(map(repr, SCORED))}, "
                 f"or leave {inert[0]} at its default"
             )
         joint = "a_budget" if self.a_budget is not None else "confidence" if self.confidence is not None else None

@@ -40,9 +40,8 @@ class MomentTracker:
         self.scales = {key: (scales or {}).get(key, 1.0) for key in self.factors}
         self.total = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
         self.total_sq = {key: torch.zeros_like(p, dtype=torch.float64) for key, p in self.factors.items()}
-        self.previous: dict[tuple[str, str], torch.Tensor] = {}
-        self.lag_sq = dict.fromkeys(self.factors, 0.0)  # sum over steps with a successor of ||g_t||^2
-        self.lag_cross = dict.fromkeys(self.factors, 0.0)  # sum of <g_t, g_{t+1}>
+        self.last: dict[tuple[str, str], torch.Tensor] = {}  # the latest gradient (secant only)
+        self.lag_cross = dict.fromkeys(self.factors, 0.0)  # sum of <g_t, g_{t+1}> (secant only)
         self.steps = 0
 
     @torch.no_grad()
@@ -54,11 +53,10 @@ class MomentTracker:
             g = p.grad.detach().to(torch.float64) * self.scales[key]
             self.total[key] += g
             self.total_sq[key] += g * g
-            if key in self.previous:
-                before = self.previous[key]
-                self.lag_sq[key] += float((before * before).sum())
-                self.lag_cross[key] += float((before * g).sum())
-            self.previous[key] = g.clone()
+            if self.secant:
+                if key in self.last:
+                    self.lag_cross[key] += float((self.last[key] * g).sum())
+                self.last[key] = g  # a fresh tensor: the product above
         self.steps += 1
 
     def statistics(self, nu: float) -> FactorStats:
@@ -67,8 +65,10 @@ class MomentTracker:
         for (layer, factor), total in self.total.items():
             key, factor_nu = (layer, factor), nu * self.scales[(layer, factor)] ** 2
             values = moment_statistics(total / max(self.steps, 1), self.total_sq[key] / max(self.steps, 1), self.steps, factor_nu)
-            if self.secant:
-                values["K"] = secant_statistic(self.lag_sq[key], self.lag_cross[key], self.steps - 1, factor_nu * total.numel())
+            if self.secant:  # sum of ||g_t||^2 over the steps that have a successor: all but the last
+                last = float(self.last[key].square().sum()) if key in self.last else 0.0
+                lag_sq = float(self.total_sq[key].sum()) - last
+                values["K"] = secant_statistic(lag_sq, self.lag_cross[key], self.steps - 1, factor_nu * total.numel())
             stats.setdefault(layer, {})[factor] = values
         return stats
 
@@ -182,7 +182,7 @@ def score(stats: Mapping[str, float], settings: ScoreSettings, clients: int) -> 
     return first - curvature - smoothing
 
 
-# The secant score (this project's; README "AS-LoRA's score") ------------------------------------
+# The secant score (this project's; README "AS-LoRA's secant score") ------------------------------------
 #
 # Why: a step on A moves the weight by s B dA and a step on B by s dB A, so the DP noise a
 # step puts into W, and the loss it costs, grows with the OTHER factor's size: A's noise with

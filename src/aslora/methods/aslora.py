@@ -53,7 +53,7 @@ class ASLoRA(AveragingMethod):
         "aslora unfloored": {"method": "aslora", "selection.floor_g": False},
         "aslora frozen": {"method": "aslora", "selection.ema_from": "frozen"},
         "aslora budget": {"method": "aslora", "selection.a_budget": 0.5, "selection.floor_g": False},
-        # this project's score and decision (README "AS-LoRA's score"): needs 2+ local steps
+        # this project's score and decision (README "AS-LoRA's secant score"): needs 2+ local steps
         "aslora secant": {
             "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
             "selection.score_clip_share": 0.1, "selection.confidence": 0.5,
