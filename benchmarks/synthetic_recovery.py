@@ -3,6 +3,7 @@ inside / outside the initial A's row space, where it spent its rounds (share on 
 its score ranked the realised decreases, and two NON-PRIVATE references.
 
     python benchmarks/synthetic_recovery.py [--seeds 5] [--target 0.1] [--rows recovery.jsonl [--resume]]
+                                            [--variants 'ffa,rolora,aslora random'] [--first-seed 0]
                                             [--also 'aslora beta 0.7:selection.beta=0.7' ...]
 
 Runs configs/synthetic.toml (DP-SGD at epsilon 3, 10 non-IID clients, a 512-example probe set on
@@ -93,8 +94,8 @@ def table(rows: list[dict], seeds: int, epsilon: float, target: float) -> Table:
     coin = {r["seed"]: _part(r, "errors", None) for r in rows if r["variant"] == "aslora random"}
     for label in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == label]
-        diffs = [_part(r, "errors", None) - reference[r["seed"]] for r in runs]
-        against_coin = [_part(r, "errors", None) - coin[r["seed"]] for r in runs]
+        diffs = [_part(r, "errors", None) - reference[r["seed"]] for r in runs if r["seed"] in reference]
+        against_coin = [_part(r, "errors", None) - coin[r["seed"]] for r in runs if r["seed"] in coin]
         reach = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
         rho = [r["spearman"] for r in runs if r["spearman"] is not None]
         out.add_row(
@@ -102,8 +103,8 @@ def table(rows: list[dict], seeds: int, epsilon: float, target: float) -> Table:
             _spread([_part(r, "errors", None) for r in runs]),
             _spread([_part(r, "errors", True) for r in runs]),
             _spread([_part(r, "errors", False) for r in runs]),
-            "" if label == "aslora" else _spread(diffs, signed=True),
-            "" if label == "aslora random" else _spread(against_coin, signed=True),
+            "" if label == "aslora" or not diffs else _spread(diffs, signed=True),
+            "" if label == "aslora random" or not against_coin else _spread(against_coin, signed=True),
             f"{np.mean([_part(r, 'share_a', True) for r in runs]):.2f} / {np.mean([_part(r, 'share_a', False) for r in runs]):.2f}",
             f"{np.mean(rho):.2f}" if rho else "",
             f"{np.mean(reach):.1f} ({len(reach)}/{len(runs)})" if reach else "never",
@@ -121,6 +122,12 @@ def _spread(values: list[float], signed: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument(
+        "--variants", type=lambda text: [v.strip() for v in text.split(",") if v.strip()], default=None,
+        help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all); the oracle and hindsight always run "
+        "(hindsight needs ffa and rolora)",
+    )
     parser.add_argument("--target", type=float, default=0.1, help="relative error to reach")
     parser.add_argument("--rows", type=Path, default=None, help="write one JSON line per run here")
     parser.add_argument(
@@ -147,23 +154,27 @@ def main() -> None:
 
     if args.rows and not args.resume:
         args.rows.write_text("")
+    chosen = VARIANTS if args.variants is None else {v: VARIANTS[v] for v in args.variants if v in VARIANTS}
+    if args.variants is not None and len(chosen) < len(args.variants):
+        parser.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     with tempfile.TemporaryDirectory() as out:
-        for label, overrides in (VARIANTS | dict(args.also)).items():
-            for seed in range(args.seeds):
+        for label, overrides in (chosen | dict(args.also)).items():
+            for seed in seeds:
                 if (label, seed) not in done:
                     keep(run_one(base.with_overrides({**overrides, "seed": seed, "output_dir": out}), label, args.target))
-        for seed in range(args.seeds):
+        for seed in seeds:
             if ("oracle", seed) in done:
                 continue
             raw = base.with_overrides({"method": "oracle", "seed": seed, "output_dir": out}).model_dump(mode="json")
-            sigma = next(r["sigma"] for r in rows if r["variant"] == "aslora" and r["seed"] == seed)
+            sigma = next(r["sigma"] for r in rows if r["seed"] == seed and r["variant"] not in ("oracle", "hindsight"))
             raw["privacy"] |= {"epsilon": None, "noise_multiplier": sigma}  # the private runs' noise, no budget
             keep(run_one(parse_config(raw), "oracle", args.target))
-    for seed in range(args.seeds):
-        if ("hindsight", seed) not in done:
+    for seed in seeds:
+        if ("hindsight", seed) not in done and {"ffa", "rolora"} <= {r["variant"] for r in rows if r["seed"] == seed}:
             keep(hindsight(rows, seed))
-    Console(width=170).print(table(rows, args.seeds, base.privacy.epsilon, args.target))
-
+    shown = [r for r in rows if r["seed"] in seeds]
+    Console(width=170).print(table(shown, len(seeds), base.privacy.epsilon, args.target))
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,7 @@ def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=
         seed=0,
         a_budget=kw.get("a_budget"),
         confidence=kw.get("confidence"),
+        confident_factors=kw.get("confident_factors", "AB"),
         beta=kw.get("beta", 0.9),
     )
 
@@ -309,7 +310,8 @@ def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_s
     ("overrides", "named"),
     [({"a_budget": 0.5, "score": "random"}, "score 'random'"), ({"a_budget": 0.5, "rule": "official"}, "rule 'official'"),
      ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget"),
-     ({"ema_from": "frozen", "rule": "official"}, "ema_from"), ({"floor_g": False, "score": "alternate"}, "floor_g")],
+     ({"ema_from": "frozen", "rule": "official"}, "ema_from"), ({"floor_g": False, "score": "alternate"}, "floor_g"),
+     ({"confident_factors": "B"}, "set selection.confidence"), ({"confident_factors": "A"}, "confident_factors")],
 )
 def test_a_selection_setting_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
@@ -422,6 +424,19 @@ def test_the_confident_rule_alternates_where_the_lead_is_within_its_noise() -> N
     assert [mask[layer] for layer in LAYERS] == ["A", "B", "B", "B", "B", "A"]  # within the noise: A -> B
     quiet = decide(3, settings, ema, history, dict.fromkeys(LAYERS, 1e-6))  # the same leads, now sure
     assert [quiet[layer] for layer in LAYERS] == ["A", "B", "A", "B", "B", "A"]
+
+
+def test_a_b_only_confidence_leaves_a_to_alternation() -> None:
+    """confident_factors 'B': a sure lead for B still pins the unit to B, a sure lead for A does not."""
+    leads = [0.5, -0.5, 0.5, -0.5, 0.5, -0.5]
+    ema = {layer: {"A": lead, "B": 0.0} for layer, lead in zip(LAYERS, leads, strict=True)}
+    sure = dict.fromkeys(LAYERS, 1e-6)
+    after_b, after_a = [dict.fromkeys(LAYERS, "B")], [dict.fromkeys(LAYERS, "A")]
+    both = _settings(confidence=0.5, beta=0.9)
+    only_b = _settings(confidence=0.5, beta=0.9, confident_factors="B")
+    assert [decide(3, both, ema, after_a, sure)[layer] for layer in LAYERS] == ["A", "B"] * 3
+    assert [decide(3, only_b, ema, after_a, sure)[layer] for layer in LAYERS] == ["B", "B"] * 3  # A -> B
+    assert [decide(3, only_b, ema, after_b, sure)[layer] for layer in LAYERS] == ["A", "B"] * 3  # B -> A
 
 
 def test_the_lead_spread_is_an_ema_of_the_squared_unit_lead() -> None:

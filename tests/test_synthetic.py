@@ -49,13 +49,14 @@ def test_the_secant_variant_trains_b_where_b_alone_fits_and_alternates_elsewhere
     synthetic: ExperimentConfig,
 ) -> None:
     """'aslora secant' charges a step on A by ||B||^2: on the layers whose target lies in A's row space
-    it trains B (as the hindsight policy does), and on the others, where its lead stays within the
-    noise, it alternates (benchmarks/RESULTS.md: A in 1 % and 48 % of rounds over 5 seeds)."""
+    it pins B (as the hindsight policy does); on the others it alternates while its lead is unsure
+    and pins B once A's score turns negative, never letting A run (benchmarks/RESULTS.md: A in 2 %
+    and 24 % of rounds over 10 seeds)."""
     from aslora.methods import ABLATIONS
 
     result = run_experiment(synthetic.with_overrides(ABLATIONS["aslora secant"]))
     shares = result.summary["selection_diagnostics"]["share_of_rounds_on_a"]
     inside = SyntheticTask.load(synthetic).inside
     assert max(shares[layer] for layer, i in inside.items() if i) <= 0.1
-    assert all(0.25 <= shares[layer] <= 0.75 for layer, i in inside.items() if not i)
+    assert all(0.1 <= shares[layer] <= 0.5 for layer, i in inside.items() if not i)
     assert result.summary["final_metrics"]["rel_error"] < 0.1

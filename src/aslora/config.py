@@ -257,6 +257,12 @@ class SelectionConfig(_Section):
         description="the score decides a unit only where its EMA lead exceeds this many standard errors; "
         "elsewhere the unit alternates (RoLoRA); null = the score always decides (ALGORITHM.md 4.3)",
     )
+    confident_factors: Literal["AB", "B"] = Field(
+        "AB",
+        description="with selection.confidence, the factors a sure lead may choose: 'AB' either; 'B' only B, "
+        "so that A trains only by alternation (a myopic score's lead for A grows A to make up for a small B, "
+        "and every later step on B then puts that much more noise into the weight)",
+    )
     ema_from: Literal["all", "frozen"] = Field(
         "all",
         description="'all': every factor's score updates its EMA (ALGORITHM.md 4.3); 'frozen': only the "
@@ -286,6 +292,11 @@ class SelectionConfig(_Section):
                 f"selection.{inert[0]} acts on the scores of the spec rule; with rule {self.rule!r} and score "
                 f"{self.score!r} it would do nothing: set rule 'spec' and score {' or '.join(map(repr, SCORED))}, "
                 f"or leave {inert[0]} at its default"
+            )
+        if self.confident_factors != "AB" and self.confidence is None:
+            raise ValueError(
+                "selection.confident_factors chooses what a confident lead may pick: set selection.confidence "
+                "(e.g. 0.5) with it, or leave confident_factors at 'AB'"
             )
         joint = "a_budget" if self.a_budget is not None else "confidence" if self.confidence is not None else None
         if joint and (self.hysteresis > 0 or self.min_dwell > 1):

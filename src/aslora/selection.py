@@ -291,6 +291,7 @@ class DecisionSettings:
     seed: int
     a_budget: float | None = None  # selection.a_budget: the share of units that train A each round
     confidence: float | None = None  # selection.confidence: the lead, in standard errors, that decides
+    confident_factors: str = "AB"  # selection.confident_factors: which factors a sure lead may choose
     beta: float = 0.9  # the EMA's factor, which sets the standard error of an EMA lead
 
 
@@ -382,7 +383,10 @@ def decide_confident(
     schedule that needs no statistics, so it is the default here, and a unit leaves it only for
     the factor whose EMA lead exceeds `confidence` standard errors. The standard error of an EMA
     of per-round leads of second moment m2 is sqrt(m2 (1 - beta) / (1 + beta)) (the uncentred
-    moment: conservative).
+    moment: conservative). With `confident_factors` "B" a sure lead for A alternates too: a
+    one-round score cannot see that a run of steps on A, made while B is small, grows A to make
+    up for B, and that every later step on B then puts ||A||^2 times more noise into the weight
+    (synthetic recovery: such layers end imbalanced and above RoLoRA's floor; README).
     """
     previous = history[-1] if history else {}
     shrink = (1 - settings.beta) / (1 + settings.beta)
@@ -390,7 +394,7 @@ def decide_confident(
     for group in settings.groups:
         lead = group_score(ema, group, "A") - max(group_score(ema, group, "B"), 0.0)
         margin = settings.confidence * math.sqrt(lead_sq.get(group[0], 0.0) * shrink)
-        if abs(lead) > margin:
+        if lead < -margin or (lead > margin and "A" in settings.confident_factors):
             factor = "A" if lead > 0 else "B"
         else:
             factor = "A" if previous.get(group[0], "A") == "B" else "B"

@@ -56,7 +56,7 @@ class ASLoRA(AveragingMethod):
         # this project's score and decision (README "AS-LoRA's secant score"): needs 2+ local steps
         "aslora secant": {
             "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
-            "selection.score_clip_share": 0.1, "selection.confidence": 0.5,
+            "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
         },
         # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
         "aslora official": {
@@ -96,6 +96,7 @@ class ASLoRA(AveragingMethod):
             seed=self.context.seed,
             a_budget=c.a_budget,
             confidence=c.confidence,
+            confident_factors=c.confident_factors,
             beta=c.beta,
         )
 
