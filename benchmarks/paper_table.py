@@ -8,6 +8,8 @@ rounds to a target, the epsilon spent, and AS-LoRA paired against each baseline.
 
 Suites (configs under configs/paper/):
 - `cpu`: `<task>.toml`, the DP regime that learns on 2 CPU cores (benchmarks/RESULTS.md);
+- `cpu-2step`: `<task>-2step.toml`, the same DP steps as 15 rounds x 2 local steps (SST-2 only),
+  the regime in which AS-LoRA's secant score can run;
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -49,6 +51,7 @@ VARIANTS = {m: {"method": m} for m in NAMES} | ABLATIONS
 BASELINES = [m for m in NAMES if m != "aslora"]
 SUITES = {
     "cpu": "{task}.toml",
+    "cpu-2step": "{task}-2step.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
