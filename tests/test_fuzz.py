@@ -44,7 +44,7 @@ def test_a_wrong_type_or_non_finite_number_is_a_config_error_naming_its_key(key:
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e-300, 1e300]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     target=st.sampled_from(["--epsilon", "--sigma"]), value=FLOATS,
     rate=st.one_of(FLOATS, st.floats(1e-4, 1.0)), steps=st.integers(-3, 10_000), delta=st.one_of(FLOATS, st.just(1e-5)),

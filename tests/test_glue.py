@@ -72,7 +72,7 @@ def test_mnli_reports_matched_and_mismatched_accuracy(
     tiny_config: ExperimentConfig, data_dir: Path, tmp_path: Path
 ) -> None:
     _mnli_folder(data_dir, tmp_path / "data")
-    config = _glue(tiny_config, "mnli", **{"data.dir": str(tmp_path / "data"), "method": "aslora", "data.train_subset": 0})
+    config = _glue(tiny_config, "mnli", **{"data.dir": str(tmp_path / "data"), "method": "aslora", "data.train_subset": 0, "data.eval_subset": 0})
     loaded = load_task(config)
     assert (len(loaded.train), len(loaded.eval), len(loaded.extra_evals["mm"])) == (300, 100, 80)
     result = run_experiment(config)

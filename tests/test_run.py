@@ -39,7 +39,7 @@ def test_two_rounds_without_noise_improve_over_the_untrained_model(tiny_config: 
         "method": method,
         "data.partition": "iid",
         "optim.optimizer": "adam",
-        "optim.lr": 0.003,
+        "optim.lr": 0.01,
         "optim.batch_size": 32,
         "federation.local_steps": 6,
     }
