@@ -32,9 +32,10 @@ def data_dir() -> Path:
 
 @pytest.fixture
 def tiny_config(data_dir: Path, tmp_path: Path) -> ExperimentConfig:
-    """The demo experiment shrunk to seconds: 4 clients, short texts, a data subset, and adapters on
-    the upper 3 blocks only, as in configs/paper/ (backpropagation stops there): the suite's tiny runs
-    are mostly the encoder's arithmetic, and this halves it."""
+    """The demo experiment shrunk to seconds: 4 clients, 2 local steps (the fewest AS-LoRA's secant
+    score can use), short texts, a data subset, and adapters on the upper 3 blocks only, as in
+    configs/paper/ (backpropagation stops there): the suite's tiny runs are mostly the encoder's
+    arithmetic."""
     return load_config(REPO / "tests" / "base.toml").with_overrides(
         {
             "output_dir": str(tmp_path / "runs"),
@@ -46,7 +47,7 @@ def tiny_config(data_dir: Path, tmp_path: Path) -> ExperimentConfig:
             "lora.layers": [3, 4, 5],
             "federation.rounds": 2,
             "federation.clients_per_round": 2,
-            "federation.local_steps": 4,
+            "federation.local_steps": 2,
             "federation.eval_every": 1,
             "optim.batch_size": 16,
         }

@@ -277,7 +277,8 @@ def test_stragglers_are_rejected_but_still_charged_for_privacy(tiny_config: Expe
     worst = 0.0
     for client, n in enumerate(sizes):  # every sampled client trained, late or not
         accountant = RDPAccountant()
-        accountant.history = [(sigma, min(1.0, 16 / n), 4)] * sum(client in r["clients"] for r in rows)
+        steps, batch = config.federation.local_steps, config.optim.batch_size
+        accountant.history = [(sigma, min(1.0, batch / n), steps)] * sum(client in r["clients"] for r in rows)
         if accountant.history:
             worst = max(worst, accountant.get_epsilon(1e-5, alphas=list(RDP_ORDERS)))
     assert rows[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
