@@ -80,3 +80,11 @@ def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
         paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir))
     paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir), explicit=False)  # trains nothing
     assert "left out: sst2 'aslora secant'" in capsys.readouterr().out
+
+
+def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None:
+    """cpu-2step takes sst2.toml's 30 DP-SGD steps as 15 rounds x 2, and differs from it in nothing else."""
+    one, two = paper_table.task_config("cpu", "sst2"), paper_table.task_config("cpu-2step", "sst2")
+    steps = lambda c: c.federation.rounds * c.federation.local_steps
+    assert (two.federation.rounds, two.federation.local_steps) == (15, 2) and steps(two) == steps(one) == 30
+    assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == one
