@@ -46,6 +46,14 @@ def test_block_pairs_aslora_with_each_baseline_over_the_seeds_both_finished(tmp_
     assert (tmp_path / "test-sst2-eps3.png").is_file()
 
 
+def test_the_two_step_suite_pairs_the_secant_rule_with_each_other_variant(tmp_path: Path) -> None:
+    """cpu-2step was built for the secant score: its table pairs that rule, not the spec's, against the rest."""
+    rows = [_row("aslora secant", s, [0.5, 0.81]) for s in range(2)] + [_row("ffa", s, [0.5, 0.80]) for s in range(2)]
+    text = "\n".join(paper_table.block("sst2", 3.0, rows, tmp_path, "cpu-2step"))
+    assert "`aslora secant` minus each other variant" in text
+    assert "| ffa | +0.0100 |" in text and "| aslora secant | +" not in text
+
+
 def test_a_regime_fingerprint_changes_with_a_setting_not_with_a_comment_or_a_cell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
