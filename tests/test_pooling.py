@@ -32,18 +32,21 @@ def test_minilm_declares_mean_pooling() -> None:
 
 
 def test_auto_pooling_is_sentence_transformers_embedding(data_dir: Path) -> None:
-    """Our 'auto' embedding of MiniLM equals sentence-transformers' own (before its Normalize)."""
-    task = load_task(_config(data_dir))
-    assert task.pooling == "mean"
-    model = pooled_classifier(task.model_path, task.pooling, 2).eval()
+    """Our 'auto' embedding of MiniLM with model.normalize equals sentence-transformers' own pipeline
+    (Transformer, Pooling, Normalize); without it, the same direction at the mean's own length."""
+    task = load_task(_config(data_dir, **{"model.normalize": True}))
+    assert task.pooling == "mean" and task.normalize
     texts = ["a gripping , funny film", "dull", "it is neither here nor there , and long"]
     enc = task.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ours = model.embed(enc["input_ids"], enc["attention_mask"])
-    reference = SentenceTransformer(task.model_path, device="cpu")
-    theirs = reference.encode(texts, convert_to_tensor=True, normalize_embeddings=False)
-    # the wheel's pipeline ends in Normalize: compare directions, and check it is the mean
-    torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), torch.nn.functional.normalize(theirs, dim=-1), rtol=1e-4, atol=1e-5)
+        unit = task.build_model(_config(data_dir, **{"model.normalize": True})).base_model.model.embed(
+            enc["input_ids"], enc["attention_mask"]
+        )
+        raw = pooled_classifier(task.model_path, task.pooling, 2).eval().embed(enc["input_ids"], enc["attention_mask"])
+    theirs = SentenceTransformer(task.model_path, device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(unit, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=0.1)  # the raw mean is not unit-length
 
 
 @pytest.mark.parametrize(("pooling", "trains_pooler"), [("mean", False), ("cls", False), ("pooler", True)])
@@ -113,6 +116,10 @@ def test_bad_pooling_and_head_fail_before_training(data_dir: Path) -> None:
         _config(data_dir, **{"lora.head_init": "zero", "lora.train_head": False})
     with pytest.raises(ConfigError, match="model.pooling"):
         _config(data_dir, **{"model.pooling": "mean", "data.task": "synthetic"})
+    with pytest.raises(ConfigError, match="model.normalize.*task 'synthetic'.*remove model.normalize"):
+        _config(data_dir, **{"model.normalize": True, "data.task": "synthetic"})
+    with pytest.raises(ConfigError, match="model.normalize.*should be a valid boolean|model.normalize.*bool"):
+        _config(data_dir, **{"model.normalize": "yes please"})
     with pytest.raises(ConfigError, match="auto, cls, mean, pooler|'auto', 'cls', 'mean' or 'pooler'"):
         _config(data_dir, **{"model.pooling": "max"})
     with pytest.raises(ValueError, match="does not have"):
@@ -207,6 +214,8 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
             (undeclared / item.name).symlink_to(item)
     own_head = load_task(_config(data_dir, **{"model.dtype": "auto", "model.name": str(undeclared)}))
     assert own_head.pooling is None and own_head.dtype == "float32"  # the architecture's head runs in float32
+    with pytest.raises(ConfigError, match="model.normalize scales a pooled embedding.*set model.pooling"):
+        load_task(_config(data_dir, **{"model.normalize": True, "model.name": str(undeclared)}))
     assert _config(data_dir, **{"model.dtype": "auto", "data.task": "synthetic"}).model.dtype == "auto"
 
 

@@ -90,6 +90,11 @@ class ModelConfig(_Section):
         "the head reads [u, v, |u - v|, u * v] (how sentence-transformers trains a bi-encoder); 'auto' = "
         "'separate' where the model declares its pooling, else 'joint'",
     )
+    normalize: bool = Field(
+        False,
+        description="scale each sentence embedding to unit length before the head, as sentence-transformers' "
+        "Normalize module does (all-MiniLM-L6-v2 declares one); needs a pooled classifier (model.pooling)",
+    )
     dropout: float | None = Field(
         None, ge=0, lt=1,
         description="every dropout rate inside the pretrained model and its head (lora.dropout aside); "
@@ -402,6 +407,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"model.pair_encoding='separate' embeds the two sentences of a pair apart; task '{data.task}' "
                 f"has no sentence pairs: keep 'auto' (pair tasks: {_pair_tasks()})"
+            )
+        if self.model.normalize and not sentence_classifier:
+            raise ValueError(
+                f"model.normalize scales a sentence classifier's embedding; task '{data.task}' has its own head: "
+                f"remove model.normalize (or use one of {_sentence_tasks()})"
             )
         if self.model.pooling != "auto" and not sentence_classifier:
             raise ValueError(

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from aslora.config import ExperimentConfig
+from aslora.config import ConfigError, ExperimentConfig
 from aslora.memory import check_micro_batch
 from aslora.pretrained import load_pretrained, native_bfloat16, resolve_dtype, resolve_model
 from aslora.tasks.common import DataFormatError, DataNotFoundError, data_root, with_lora
@@ -249,6 +249,7 @@ class GlueTask:
     max_length: int
     pooling: str | None  # see tasks/pooling.py; None: the architecture's own head
     pairs: bool  # the two sentences of a pair embedded apart (model.pair_encoding 'separate')
+    normalize: bool  # unit-length embeddings before the head (model.normalize)
     dtype: str  # the frozen encoder's, model.dtype made concrete ('auto' resolved on this machine)
     metric: str = "accuracy"
     extra_evals: dict[str, datasets.Dataset] = field(default_factory=dict)
@@ -277,6 +278,11 @@ class GlueTask:
         asked = config.model.dtype
         pooling = resolve_pooling(config.model.pooling, model_path, asked)
         dtype = resolve_dtype(asked) if pooling is not None else "float32"
+        if config.model.normalize and pooling is None:
+            raise ConfigError(
+                f"model.normalize scales a pooled embedding, and {model_path} declares no pooling (its own head "
+                "reads the encoder): set model.pooling to 'mean', 'cls' or 'pooler', or remove model.normalize"
+            )
         if dtype == "bfloat16" and not native_bfloat16():
             log.warning("model.dtype='bfloat16' on a CPU without native bfloat16: about 30x slower than "
                         "float32 here; model.dtype = 'auto' picks the fast one")
@@ -298,6 +304,7 @@ class GlueTask:
             max_length=config.model.max_length,
             pooling=pooling,
             pairs=resolve_pair_encoding(config.model.pair_encoding, len(spec.texts), pooling, model_path),
+            normalize=config.model.normalize,
             dtype=dtype,
             extra_evals=evals,
         )
@@ -344,7 +351,7 @@ class GlueTask:
             )
             hint = "name modules of the model's head (BERT-like models: classifier, pooler)"
             return with_lora(base, config.lora, config.model.dropout, TaskType.SEQ_CLS, hint)
-        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype, self.pairs)
+        base = pooled_classifier(self.model_path, self.pooling, self.num_labels, self.dtype, self.pairs, self.normalize)
         hint = f"with model.pooling={self.pooling!r} the head is 'classifier' (and 'pooler' only with model.pooling='pooler')"
         return with_lora(base, config.lora, config.model.dropout, None, hint)
 

@@ -17,6 +17,13 @@ objective (SoftmaxLoss) reads `[u, v, |u - v|, u * v]`. A linear probe on frozen
 MiniLM features of 9,000 QNLI training pairs scores 0.72 on 1,000 held-out
 pairs that way, 0.57 with the pair run through the encoder as one sequence
 (benchmarks/RESULTS.md): 'separate' builds that head.
+
+`model.normalize` scales each embedding to unit length first, the last module
+of all-MiniLM-L6-v2's own pipeline (`modules.json`: Transformer, Pooling,
+Normalize). Under DP it decides whether the bi-encoder head learns: a private
+federation of heads on frozen QNLI features reaches 0.69-0.71 from unit-length
+u and v and 0.51-0.62 from the raw means (benchmarks/dp_head_probe.py), whose
+norms vary from sentence to sentence and drown the `u * v` features in noise.
 """
 
 from __future__ import annotations
@@ -102,11 +109,14 @@ _WITH_POOLER = ("bert", "roberta", "xlm-roberta", "electra", "albert", "mpnet", 
 class PooledClassifier(torch.nn.Module):
     """A pretrained encoder, its pooling and a linear `classifier`: what sentence-transformers trained."""
 
-    def __init__(self, encoder: PreTrainedModel, pooling: str, num_labels: int, pairs: bool = False) -> None:
+    def __init__(
+        self, encoder: PreTrainedModel, pooling: str, num_labels: int, pairs: bool = False, normalize: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.pairs = pairs  # separately embedded sentence pairs: the head reads [u, v, |u - v|, u * v]
+        self.normalize = normalize  # unit-length embeddings (sentence-transformers' Normalize)
         self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.0))
         self.classifier = torch.nn.Linear(encoder.config.hidden_size * (4 if pairs else 1), num_labels)
 
@@ -119,12 +129,14 @@ class PooledClassifier(torch.nn.Module):
         """
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         if self.pooling == "pooler":
-            return out.pooler_output.float()
-        hidden = out.last_hidden_state.float()
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            pooled = out.pooler_output.float()
+        elif self.pooling == "cls":
+            pooled = out.last_hidden_state[:, 0].float()
+        else:
+            hidden = out.last_hidden_state.float()
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def features(
         self,
@@ -160,10 +172,11 @@ class PooledClassifier(torch.nn.Module):
 
 
 def pooled_classifier(
-    model_path: str, pooling: str, num_labels: int, dtype: str = "float32", pairs: bool = False
+    model_path: str, pooling: str, num_labels: int, dtype: str = "float32", pairs: bool = False,
+    normalize: bool = False,
 ) -> PooledClassifier:
     """The encoder at `model_path` (without its own head) under `pooling`, and a fresh head (seed first);
-    `pairs`: the head of separately embedded sentence pairs.
+    `pairs`: the head of separately embedded sentence pairs; `normalize`: unit-length embeddings.
 
     With dtype 'bfloat16' the frozen encoder's weights are bfloat16 (on CPUs with AMX
     about 2.5x faster per DP-SGD example) while the head stays float32, and so do the
@@ -175,6 +188,6 @@ def pooled_classifier(
         # An unused pooler would be a module with no gradient: Opacus fails on it
         # mid-round if lora.head_modules names it, so it goes, and naming it fails first.
         encoder.pooler = None
-    model = PooledClassifier(encoder, pooling, num_labels, pairs)
+    model = PooledClassifier(encoder, pooling, num_labels, pairs, normalize)
     model.encoder.to(getattr(torch, dtype))
     return model
