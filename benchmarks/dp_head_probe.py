@@ -124,14 +124,15 @@ def main() -> None:
           f"{len(y_held)} held out; majority class {np.bincount(y_held).max() / len(y_held):.3f}", flush=True)
     print("| batch | rounds x steps | lr | clip | u, v | final | best (optimistic) | epsilon |")
     print("|---|---|---|---|---|---|---|---|")
-    for batch, rounds, steps, lr, clip, unit in GRID:
+    labels, held_labels = torch.tensor(y_train), torch.tensor(y_held)
+    data = {}  # per feature kind: the clients' datasets and the held-out features, built once
+    for unit in (True, False):
         x_train = torch.tensor(bi_encoder(arrays["u_train"], arrays["v_train"], unit), dtype=torch.float32)
         x_held = torch.tensor(bi_encoder(arrays["u_held"], arrays["v_held"], unit), dtype=torch.float32)
-        labels = torch.tensor(y_train)
-        client_data = [torch.utils.data.TensorDataset(x_train[s["row"]], labels[s["row"]]) for s in shards]
-        curve, epsilon = federate(
-            client_data, (x_held, torch.tensor(y_held)), classes, batch, rounds, steps, lr, clip, args.seed
-        )
+        data[unit] = [torch.utils.data.TensorDataset(x_train[s["row"]], labels[s["row"]]) for s in shards], x_held
+    for batch, rounds, steps, lr, clip, unit in GRID:
+        client_data, x_held = data[unit]
+        curve, epsilon = federate(client_data, (x_held, held_labels), classes, batch, rounds, steps, lr, clip, args.seed)
         print(f"| {batch} | {rounds} x {steps} | {lr:g} | {clip:g} | {'unit' if unit else 'raw'} | "
               f"{curve[-1]:.3f} | {max(curve):.3f} | {epsilon:.3f} |", flush=True)
 

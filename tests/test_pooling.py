@@ -34,14 +34,13 @@ def test_minilm_declares_mean_pooling() -> None:
 def test_auto_pooling_is_sentence_transformers_embedding(data_dir: Path) -> None:
     """Our 'auto' embedding of MiniLM with model.normalize equals sentence-transformers' own pipeline
     (Transformer, Pooling, Normalize); without it, the same direction at the mean's own length."""
-    task = load_task(_config(data_dir, **{"model.normalize": True}))
+    config = _config(data_dir, **{"model.normalize": True})
+    task = load_task(config)
     assert task.pooling == "mean" and task.normalize
     texts = ["a gripping , funny film", "dull", "it is neither here nor there , and long"]
     enc = task.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        unit = task.build_model(_config(data_dir, **{"model.normalize": True})).base_model.model.embed(
-            enc["input_ids"], enc["attention_mask"]
-        )
+        unit = task.build_model(config).base_model.model.embed(enc["input_ids"], enc["attention_mask"])
         raw = pooled_classifier(task.model_path, task.pooling, 2).eval().embed(enc["input_ids"], enc["attention_mask"])
     theirs = SentenceTransformer(task.model_path, device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(unit, theirs, rtol=1e-4, atol=1e-5)

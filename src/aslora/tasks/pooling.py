@@ -22,7 +22,7 @@ pairs that way, 0.57 with the pair run through the encoder as one sequence
 of all-MiniLM-L6-v2's own pipeline (`modules.json`: Transformer, Pooling,
 Normalize). Under DP it decides whether the bi-encoder head learns: a private
 federation of heads on frozen QNLI features reaches 0.69-0.71 from unit-length
-u and v and 0.51-0.62 from the raw means (benchmarks/dp_head_probe.py), whose
+u and v and 0.50-0.65 from the raw means (benchmarks/dp_head_probe.py), whose
 norms vary from sentence to sentence and drown the `u * v` features in noise.
 """
 
