@@ -153,6 +153,29 @@ def test_resume_refuses_an_edited_config_naming_the_keys(tmp_path: Path) -> None
     assert "method ('ffa' -> 'rolora')" in message
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path: Path) -> None:
+    """A setting added after a run started (here model.normalize) reads as its default in the
+    checkpoint's record, so the run resumes; a value that really changed is still refused."""
+    import dataclasses
+
+    import pytest
+
+    from aslora.config import ConfigError
+    from aslora.experiment import check_resumable
+    from aslora.results import RunDirectory
+
+    run = _finished_synthetic(tmp_path)
+    checkpoint = load_checkpoint(run)
+    assert checkpoint is not None and checkpoint.config is not None
+    older = json.loads(json.dumps(checkpoint.config))
+    del older["model"]["normalize"]
+    config = ExperimentConfig.model_validate(checkpoint.config)
+    check_resumable(RunDirectory(run), dataclasses.replace(checkpoint, config=older), config)
+    with pytest.raises(ConfigError, match=r"privacy.epsilon \(3.0 -> 10.0\)"):
+        check_resumable(RunDirectory(run), dataclasses.replace(checkpoint, config=older),
+                        config.with_overrides({"privacy.epsilon": 10.0}))
+
+
 def test_resume_refuses_metrics_without_a_checkpoint_and_keeps_them(tmp_path: Path) -> None:
     import pytest
 

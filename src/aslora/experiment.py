@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from aslora.adapters import LoraView
 from aslora.checkpoint import Checkpoint, load_checkpoint, remove_debris, save_checkpoint
 from aslora.client import LocalSettings
-from aslora.config import ConfigError, ExperimentConfig
+from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.diagnostics import mean_loss
 from aslora.engines.local import LocalEngine
 from aslora.methods import Method, MethodContext, get_method
@@ -311,10 +311,13 @@ def check_resumable(
         )
     if checkpoint is None or checkpoint.config is None:
         return  # nothing done yet, or a checkpoint older than this record: nothing to check against
+    # Read through today's schema, a setting added since the checkpoint was written counts as its
+    # default: such a run resumes, and only a value that really changed is refused.
+    recorded = parse_config(checkpoint.config).model_dump(mode="json")
     current = config.model_dump(mode="json")
     if extending:  # an extension changes the rounds and nothing else
-        current["federation"]["rounds"] = checkpoint.config["federation"]["rounds"]
-    changed = _differences(checkpoint.config, current)
+        current["federation"]["rounds"] = recorded["federation"]["rounds"]
+    changed = _differences(recorded, current)
     if changed:
         raise ConfigError(
             f"{run_dir.path / 'config.json'} no longer matches the settings the run's checkpoint was made with: "
