@@ -3,7 +3,7 @@ share their partitions; final accuracy with a 95 % interval, the authors' best-o
 rounds to a target, the epsilon spent, and AS-LoRA paired against each baseline.
 
     python benchmarks/paper_table.py run   [--suite cpu] [--tasks sst2,qnli,mnli] [--epsilons 3]
-                                           [--seeds 3] [--variants ...] [--data-dir ../shared/data]
+                                           [--seeds 3 | --seed S ...] [--variants ...] [--data-dir ../shared/data]
     python benchmarks/paper_table.py table [--suite cpu]
 
 Suites (configs under configs/paper/):
@@ -97,12 +97,12 @@ def machine() -> str:
     return f"{names[0].strip() if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def cells(suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str]) -> Iterator[tuple]:
+def cells(suite: str, tasks: list[str], epsilons: list[float], seeds: list[int], variants: list[str]) -> Iterator[tuple]:
     """Every (task, regime fingerprint, epsilon, variant, seed) of the grid, with its run's folder."""
     for task in tasks:
         fingerprints = {variant: regime(suite, task, variant) for variant in variants}
         for eps in epsilons:
-            for seed in range(seeds):  # seed-major: a partly run grid holds complete seeds first
+            for seed in seeds:  # seed-major: a partly run grid holds complete seeds first
                 for variant in variants:
                     fingerprint = fingerprints[variant]
                     folder = REPO / "runs" / "paper" / suite / f"{task}-{fingerprint}-eps{eps:g}" / f"{_slug(variant)}-s{seed}"
@@ -138,7 +138,7 @@ def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric
 
 
 def run(
-    suite: str, tasks: list[str], epsilons: list[float], seeds: int, variants: list[str], data_dir: str,
+    suite: str, tasks: list[str], epsilons: list[float], seeds: list[int], variants: list[str], data_dir: str,
     explicit: bool = True,
 ) -> None:
     """Every missing cell; a variant the task's regime cannot run is an error before anything trains
@@ -278,7 +278,11 @@ def main() -> None:
     parser.add_argument("--suite", choices=list(SUITES), default="cpu")
     parser.add_argument("--tasks", default="sst2,qnli,mnli")
     parser.add_argument("--epsilons", default="3")
-    parser.add_argument("--seeds", type=int, default=3)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--seeds", type=int, default=3, help="how many seeds: 0 to N-1")
+    which.add_argument(
+        "--seed", type=int, action="append", help="this seed only (repeat for more, run in that order): --seed 1 --seed 0"
+    )
     parser.add_argument(
         "--variants", default="",
         help="comma-separated; names with spaces allowed (default: every variant the task's regime can run)",
@@ -290,10 +294,13 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    seeds = args.seed or list(range(args.seeds))
+    if not seeds or min(seeds) < 0:
+        parser.error("--seeds counts seeds (at least 1) and --seed names one (0 or more)")
     if args.action == "run":
         epsilons = [float(e) for e in args.epsilons.split(",")]
         try:
-            run(args.suite, args.tasks.split(","), epsilons, args.seeds, variants, args.data_dir, bool(args.variants))
+            run(args.suite, args.tasks.split(","), epsilons, list(dict.fromkeys(seeds)), variants, args.data_dir, bool(args.variants))
         except ConfigError as exc:
             raise SystemExit(f"error: {exc}") from None
     print(table(args.suite))

@@ -85,8 +85,8 @@ def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
 ) -> None:
     """configs/paper/sst2.toml takes one local step per round; 'aslora secant' needs two."""
     with pytest.raises(ConfigError, match=r"(?s)aslora secant.*local_steps to 2 or more"):
-        paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir))
-    paper_table.run("cpu", ["sst2"], [3.0], 1, ["aslora secant"], str(data_dir), explicit=False)  # trains nothing
+        paper_table.run("cpu", ["sst2"], [3.0], [0], ["aslora secant"], str(data_dir))
+    paper_table.run("cpu", ["sst2"], [3.0], [0], ["aslora secant"], str(data_dir), explicit=False)  # trains nothing
     assert "left out: sst2 'aslora secant'" in capsys.readouterr().out
 
 
@@ -96,3 +96,11 @@ def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None
     steps = lambda c: c.federation.rounds * c.federation.local_steps
     assert (two.federation.rounds, two.federation.local_steps) == (15, 2) and steps(two) == steps(one) == 30
     assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == one
+
+
+def test_cells_run_the_named_seeds_in_the_order_given() -> None:
+    """`--seed 1 --seed 0` runs the seed a question hangs on first; each cell keeps its own folder."""
+    seeds = [seed for *_, seed, _folder in paper_table.cells("cpu-2step", ["sst2"], [3.0], [1, 0], ["ffa", "rolora"])]
+    assert seeds == [1, 1, 0, 0]
+    folders = [folder.name for *_, folder in paper_table.cells("cpu-2step", ["sst2"], [3.0], [1, 0], ["ffa"])]
+    assert folders == ["ffa-s1", "ffa-s0"]

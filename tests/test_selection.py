@@ -118,6 +118,7 @@ def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=
         a_budget=kw.get("a_budget"),
         confidence=kw.get("confidence"),
         confident_factors=kw.get("confident_factors", "AB"),
+        unsure=kw.get("unsure", "alternate"),
         beta=kw.get("beta", 0.9),
     )
 
@@ -311,7 +312,8 @@ def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_s
     [({"a_budget": 0.5, "score": "random"}, "score 'random'"), ({"a_budget": 0.5, "rule": "official"}, "rule 'official'"),
      ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget"),
      ({"ema_from": "frozen", "rule": "official"}, "ema_from"), ({"floor_g": False, "score": "alternate"}, "floor_g"),
-     ({"confident_factors": "B"}, "set selection.confidence"), ({"confident_factors": "A"}, "confident_factors")],
+     ({"confident_factors": "B"}, "set selection.confidence"), ({"confident_factors": "A"}, "confident_factors"),
+     ({"unsure": "B"}, "set selection.confidence"), ({"unsure": "A", "confidence": 0.5}, "unsure")],
 )
 def test_a_selection_setting_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
@@ -437,6 +439,23 @@ def test_a_b_only_confidence_leaves_a_to_alternation() -> None:
     assert [decide(3, both, ema, after_a, sure)[layer] for layer in LAYERS] == ["A", "B"] * 3
     assert [decide(3, only_b, ema, after_a, sure)[layer] for layer in LAYERS] == ["B", "B"] * 3  # A -> B
     assert [decide(3, only_b, ema, after_b, sure)[layer] for layer in LAYERS] == ["A", "B"] * 3  # B -> A
+
+
+def test_an_unsure_unit_trains_b_with_unsure_b() -> None:
+    """selection.unsure 'B': where the lead is within the margin the unit trains B, not the factor it
+    skipped last round; sure leads decide as before (for A, by alternation under confident_factors 'B')."""
+    leads = [0.5, -0.5, 0.0, 0.0, 0.5, -0.5]
+    ema = {layer: {"A": lead, "B": 0.0} for layer, lead in zip(LAYERS, leads, strict=True)}
+    lead_sq = dict.fromkeys(LAYERS, 1e-6) | {LAYERS[2]: 1.0, LAYERS[3]: 1.0}  # units 2 and 3: unsure
+    after_b = [dict.fromkeys(LAYERS, "B")]
+    alternating = _settings(confidence=0.5, beta=0.9)
+    to_b = _settings(confidence=0.5, beta=0.9, unsure="B")
+    only_b = _settings(confidence=0.5, beta=0.9, unsure="B", confident_factors="B")
+    assert [decide(3, alternating, ema, after_b, lead_sq)[layer] for layer in LAYERS] == ["A", "B", "A", "A", "A", "B"]
+    assert [decide(3, to_b, ema, after_b, lead_sq)[layer] for layer in LAYERS] == ["A", "B", "B", "B", "A", "B"]
+    after_a = [dict.fromkeys(LAYERS, "A")]
+    assert [decide(3, only_b, ema, after_a, lead_sq)[layer] for layer in LAYERS] == ["B"] * 6
+    assert [decide(3, only_b, ema, after_b, lead_sq)[layer] for layer in LAYERS] == ["A", "B", "B", "B", "A", "B"]
 
 
 def test_the_lead_spread_is_an_ema_of_the_squared_unit_lead() -> None:

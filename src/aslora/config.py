@@ -268,6 +268,12 @@ class SelectionConfig(_Section):
         "so that A trains only by alternation (a myopic score's lead for A grows A to make up for a small B, "
         "and every later step on B then puts that much more noise into the weight)",
     )
+    unsure: Literal["alternate", "B"] = Field(
+        "alternate",
+        description="with selection.confidence, what a unit does where the score is not sure: 'alternate' "
+        "(RoLoRA's exact schedule) or 'B' (FFA-LoRA's: A then trains only where its lead is sure, and with "
+        "confident_factors 'B' only every other round there)",
+    )
     ema_from: Literal["all", "frozen"] = Field(
         "all",
         description="'all': every factor's score updates its EMA (ALGORITHM.md 4.3); 'frozen': only the "
@@ -302,6 +308,11 @@ class SelectionConfig(_Section):
             raise ValueError(
                 "selection.confident_factors chooses what a confident lead may pick: set selection.confidence "
                 "(e.g. 0.5) with it, or leave confident_factors at 'AB'"
+            )
+        if self.unsure != "alternate" and self.confidence is None:
+            raise ValueError(
+                "selection.unsure says what a unit does where the confident decision is not sure: set "
+                "selection.confidence (e.g. 0.5) with it, or leave unsure at 'alternate'"
             )
         joint = "a_budget" if self.a_budget is not None else "confidence" if self.confidence is not None else None
         if joint and (self.hysteresis > 0 or self.min_dwell > 1):

@@ -292,6 +292,7 @@ class DecisionSettings:
     a_budget: float | None = None  # selection.a_budget: the share of units that train A each round
     confidence: float | None = None  # selection.confidence: the lead, in standard errors, that decides
     confident_factors: str = "AB"  # selection.confident_factors: which factors a sure lead may choose
+    unsure: str = "alternate"  # selection.unsure: a unit's factor where the lead is not sure
     beta: float = 0.9  # the EMA's factor, which sets the standard error of an EMA lead
 
 
@@ -386,7 +387,8 @@ def decide_confident(
     moment: conservative). With `confident_factors` "B" a sure lead for A alternates too: a
     one-round score cannot see that a run of steps on A, made while B is small, grows A to make
     up for B, and that every later step on B then puts ||A||^2 times more noise into the weight
-    (synthetic recovery: such layers end imbalanced and above RoLoRA's floor; README).
+    (synthetic recovery: such layers end imbalanced and above RoLoRA's floor; README). With
+    `unsure` "B" an unsure unit trains B, as FFA-LoRA does, and A trains only on a sure lead.
     """
     previous = history[-1] if history else {}
     shrink = (1 - settings.beta) / (1 + settings.beta)
@@ -394,10 +396,13 @@ def decide_confident(
     for group in settings.groups:
         lead = group_score(ema, group, "A") - max(group_score(ema, group, "B"), 0.0)
         margin = settings.confidence * math.sqrt(lead_sq.get(group[0], 0.0) * shrink)
+        alternate = "A" if previous.get(group[0], "A") == "B" else "B"
         if lead < -margin or (lead > margin and "A" in settings.confident_factors):
             factor = "A" if lead > 0 else "B"
+        elif lead > margin or settings.unsure == "alternate":
+            factor = alternate
         else:
-            factor = "A" if previous.get(group[0], "A") == "B" else "B"
+            factor = "B"
         mask.update(dict.fromkeys(group, factor))
     return mask
 

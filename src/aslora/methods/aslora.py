@@ -58,6 +58,12 @@ class ASLoRA(AveragingMethod):
             "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
             "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
         },
+        # the same, with an unsure unit on B (FFA-LoRA's schedule) instead of alternating
+        "aslora secant b-default": {
+            "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
+            "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
+            "selection.unsure": "B",
+        },
         # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
         "aslora official": {
             "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
@@ -97,6 +103,7 @@ class ASLoRA(AveragingMethod):
             a_budget=c.a_budget,
             confidence=c.confidence,
             confident_factors=c.confident_factors,
+            unsure=c.unsure,
             beta=c.beta,
         )
 
