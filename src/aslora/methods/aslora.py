@@ -38,6 +38,12 @@ from aslora.selection import (
     update_lead_sq,
 )
 
+# This project's score and decision (README "AS-LoRA's secant score"): needs 2+ local steps.
+SECANT: dict[str, Any] = {
+    "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
+    "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
+}
+
 
 class ASLoRA(AveragingMethod):
     name = "aslora"
@@ -53,17 +59,9 @@ class ASLoRA(AveragingMethod):
         "aslora unfloored": {"method": "aslora", "selection.floor_g": False},
         "aslora frozen": {"method": "aslora", "selection.ema_from": "frozen"},
         "aslora budget": {"method": "aslora", "selection.a_budget": 0.5, "selection.floor_g": False},
-        # this project's score and decision (README "AS-LoRA's secant score"): needs 2+ local steps
-        "aslora secant": {
-            "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
-            "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
-        },
+        "aslora secant": SECANT,
         # the same, with an unsure unit on B (FFA-LoRA's schedule) instead of alternating
-        "aslora secant b-default": {
-            "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
-            "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
-            "selection.unsure": "B",
-        },
+        "aslora secant b-default": SECANT | {"selection.unsure": "B"},
         # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
         "aslora official": {
             "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
