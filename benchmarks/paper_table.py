@@ -294,13 +294,13 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    seeds = args.seed or list(range(args.seeds))
+    seeds = list(dict.fromkeys(args.seed or range(args.seeds)))  # in the order given, each once
     if not seeds or min(seeds) < 0:
         parser.error("--seeds counts seeds (at least 1) and --seed names one (0 or more)")
     if args.action == "run":
         epsilons = [float(e) for e in args.epsilons.split(",")]
         try:
-            run(args.suite, args.tasks.split(","), epsilons, list(dict.fromkeys(seeds)), variants, args.data_dir, bool(args.variants))
+            run(args.suite, args.tasks.split(","), epsilons, seeds, variants, args.data_dir, bool(args.variants))
         except ConfigError as exc:
             raise SystemExit(f"error: {exc}") from None
     print(table(args.suite))
