@@ -54,6 +54,8 @@ def test_flower_simulation_matches_the_local_engine(
         torch.testing.assert_close(flower[name], local[name], rtol=1e-4, atol=1e-6)
     local_rows = metric_rows(next((tmp_path / "local").glob("*/summary.json")).parent)
     assert [r["mask"] for r in rows] == [r["mask"] for r in local_rows]
+    for row, local_row in zip(rows, local_rows, strict=True):  # the clients' own step losses travel too
+        assert row["train_loss_by_step"] == pytest.approx(local_row["train_loss_by_step"], rel=1e-4)
     if secure:  # the server cannot measure what it never sees
         assert all(r["agg_error"] is None for r in rows)
 
@@ -96,3 +98,39 @@ def test_missing_supernodes_are_named_with_the_fix(
     assert "only 2 of 4 SuperNodes" in caplog.text and "num-supernodes=4" in caplog.text
     with pytest.raises(LookupError, match="partition-id=3"):
         engine._node_of(3)
+
+
+class _SlowNodeGrid(_TwoNodeGrid):
+    """Node 101's ClientApp is still starting at the first query: it answers from the second on."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[int]] = []
+
+    def send_and_receive(self, messages: list, timeout: float | None = None) -> list:
+        self.asked.append([m.metadata.dst_node_id for m in messages])
+        replies = super().send_and_receive(messages, timeout)
+        return replies if len(self.asked) > 1 else [r for r in replies if r.metadata.src_node_id != 101]
+
+
+def test_a_silent_supernode_is_asked_again_not_dropped(
+    tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SuperNode that misses the first query (seen at load 4: its ClientApp took over wait_s to
+    start) is named in a warning and asked again, alone, when a client without a SuperNode is sampled."""
+    from aslora.engines import flower
+
+    def message(content: object, dst_node_id: int, message_type: str) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst_node_id))
+
+    monkeypatch.setattr(flower, "Message", message)
+    config = tiny_config.with_overrides({"data.num_clients": 2})
+    setup = SimpleNamespace(
+        config=config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 2, initial=SimpleNamespace(tensors=dict)
+    )
+    grid = _SlowNodeGrid()
+    engine = flower.FlowerEngine(grid, context=None, setup=setup, wait_s=0.3)
+    with caplog.at_level("WARNING"):
+        assert engine._node_of(0) == 100
+    assert "SuperNodes [101] did not answer" in caplog.text
+    assert engine._node_of(1) == 101 and engine._node_of(0) == 100
+    assert grid.asked == [[100, 101], [101]]

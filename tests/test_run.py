@@ -24,7 +24,8 @@ from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment, warn_if_long
 from aslora.pretrained import resolve_model
 from aslora.privacy import RDP_ORDERS, DPSettings
-from aslora.protocol import ClientJob, GlobalState
+from aslora.protocol import ClientJob, ClientUpdate, GlobalState
+from aslora.server import loss_by_step
 from aslora.tasks import load_task
 from aslora.tasks.pooling import pooled_classifier
 
@@ -85,6 +86,12 @@ def test_cli_compare_with_dp_writes_every_output(tiny_config: ExperimentConfig, 
         assert len(rows) == 2 and (run / "metrics.png").stat().st_size > 0
         for key in ("train_loss", "epsilon", "agg_error", "agg_time_s", "bytes_up_per_client", "bytes_down_per_client"):
             assert all(key in r for r in rows)
+        # The round's loss step by step: one mean per local step, around the round's mean loss.
+        steps = tiny_config.federation.local_steps
+        for r in rows:
+            by_step = [loss for loss in r["train_loss_by_step"] if loss is not None]
+            assert len(r["train_loss_by_step"]) == steps and by_step
+            assert min(by_step) - 1e-9 <= r["train_loss"] <= max(by_step) + 1e-9
         # Times: the server's part of a round (plan, checks, aggregation) next to the clients' training.
         assert all(0 < r["agg_time_s"] <= r["server_time_s"] < r["client_time_s"] for r in rows)
         assert summary["total_client_time_s"] == pytest.approx(sum(r["client_time_s"] for r in rows))
@@ -297,3 +304,11 @@ def test_a_run_projected_past_an_hour_is_warned_about(
     with caplog.at_level("WARNING", logger="aslora.experiment"):
         run_experiment(tiny_config.with_overrides({"federation.rounds": 1}))
     assert any("the first round took" in r.message and "1 rounds will take" in r.message for r in caplog.records)
+
+
+def test_the_loss_by_step_skips_empty_batches_and_short_histories() -> None:
+    def update(losses: list[float | None]) -> ClientUpdate:
+        return ClientUpdate(client_id=0, n_examples=1, factors={}, head={}, loss=0.0, examples_seen=1, step_losses=losses)
+
+    assert loss_by_step([update([1.0, None, 3.0]), update([2.0, None]), update([])]) == [1.5, None, 3.0]
+    assert loss_by_step([]) == []

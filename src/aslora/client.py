@@ -155,8 +155,9 @@ def train_client(
         accountant, generator, on_gradient, rule.clip_groups,
         lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
     ) as session:
-        losses, seen = _local_steps(session, rule.params, loss_fn, settings)
+        step_losses, seen = _local_steps(session, rule.params, loss_fn, settings)
         stats = rule.statistics(session.noise_variance)
+    losses = [loss for loss in step_losses if loss is not None]
     return ClientUpdate(
         client_id=job.client_id,
         n_examples=len(data),
@@ -164,6 +165,7 @@ def train_client(
         head=view.get_head() if settings.train_head else {},
         loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
+        step_losses=step_losses,
         privacy_history=list(accountant.history),
         stats=floor_g(stats) if settings.floor_g else stats,
         train_time_s=time.perf_counter() - started,
@@ -179,13 +181,15 @@ def _load_state(view: LoraView, state: GlobalState) -> None:
 
 def _local_steps(
     session: TrainingSession, params: list[torch.nn.Parameter], loss_fn: LossFn, settings: LocalSettings
-) -> tuple[list[float], int]:
-    """`settings.steps` DP-SGD steps on Poisson batches: each step's mean loss, and the examples seen.
+) -> tuple[list[float | None], int]:
+    """`settings.steps` DP-SGD steps on Poisson batches: each step's mean loss (None for an empty
+    batch), and the examples seen.
 
     An empty Poisson batch is still a step under DP (noise only, accounted)."""
     session.module.train()
     batches = _batches(session.loader)
-    losses, seen = [], 0
+    losses: list[float | None] = []
+    seen = 0
     for _ in range(settings.steps):
         batch = next(batches)
         session.optimizer.zero_grad(set_to_none=True)
@@ -194,6 +198,7 @@ def _local_steps(
             if settings.dp.enabled:
                 mark_empty_batch(params)
                 session.step()
+            losses.append(None)
             continue
         losses.append(_logical_step(session, batch, loss_fn, settings))
         seen += size

@@ -95,6 +95,9 @@ class ClientUpdate:
     head: dict[str, torch.Tensor]
     loss: float
     examples_seen: int
+    # Each local step's batch loss, in order (None: an empty Poisson batch): where a round's own
+    # steps raise the loss, the local step overshoots (train_loss_by_step in metrics.jsonl).
+    step_losses: list[float | None] = field(default_factory=list)
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     train_time_s: float = 0.0  # the client's wall time for the round, as it measured it

@@ -105,6 +105,9 @@ class RoundRecord:
     bytes_up_per_client: float
     bytes_down_per_client: float
     metrics: dict[str, float] = field(default_factory=dict)
+    # The clients' mean loss at each local step (None where every batch was empty): train_loss,
+    # step by step, so that a round whose own steps raise the loss shows.
+    train_loss_by_step: list[float | None] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
     # With a probe set (data.probe_size): the round's realised probe-loss decrease per layer and the
     # scores its decision read (diagnostics.py); server-side measurements, outside the DP scope.
@@ -112,6 +115,16 @@ class RoundRecord:
 
     def as_json(self) -> dict[str, Any]:
         return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
+
+
+def loss_by_step(updates: Sequence[ClientUpdate]) -> list[float | None]:
+    """The mean over `updates` of each local step's loss, skipping empty batches."""
+    steps = max((len(u.step_losses) for u in updates), default=0)
+    means: list[float | None] = []
+    for k in range(steps):
+        losses = [u.step_losses[k] for u in updates if k < len(u.step_losses) and u.step_losses[k] is not None]
+        means.append(float(np.mean(losses)) if losses else None)
+    return means
 
 
 def misreported_cost(reported: Sequence[tuple[float, float, int]], planned: Sequence[tuple[float, float, int]]) -> str | None:
@@ -498,6 +511,7 @@ class Federation:
             client_time_s=times.clients_s,
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
             bytes_down_per_client=float(np.mean(downs)) if downs else 0.0,
+            train_loss_by_step=loss_by_step(accepted),
             metrics=metrics,
             selection=self.method.describe(self.state) if accepted else {},
         )

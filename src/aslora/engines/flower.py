@@ -157,32 +157,55 @@ class FlowerEngine:
         self.like = setup.initial.tensors()  # the model's shapes, for uploads cut below them
         self.max_weight = max(self.method.weight(n) for n in setup.sizes)  # SecAgg+ scales weights by it
         self._nodes: dict[int, int] = {}  # client (partition) id -> node id
+        self._waited = False  # for the SuperNodes to connect: once, at the first job
 
     def _node_of(self, client: int) -> int:
-        """Ask every SuperNode once which partition it holds."""
-        if not self._nodes:
-            deadline = time.monotonic() + self.wait_s
-            nodes = list(self.grid.get_node_ids())
-            wanted = self.config.data.num_clients
-            while len(nodes) < wanted and time.monotonic() < deadline:
-                time.sleep(0.2)
-                nodes = list(self.grid.get_node_ids())
-            if len(nodes) < wanted:  # e.g. `flwr run` on the local SuperLink, which simulates 2 by default
-                log.warning(
-                    "only %d of %d SuperNodes connected after %.0f s: the clients without one are rejected every "
-                    "round. Start one SuperNode per client (flwr run: --federation-config 'num-supernodes=%d').",
-                    len(nodes), wanted, self.wait_s, wanted,
-                )
-            queries = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
-            for reply in self.grid.send_and_receive(queries, timeout=self.wait_s):
-                if reply.has_error():
-                    log.warning("SuperNode %d did not say which partition it holds: %s", reply.metadata.src_node_id,
-                                reply.error.reason)
-                else:
-                    self._nodes[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+        """The SuperNode that holds `client`'s partition; SuperNodes not yet heard from are asked first."""
+        if client not in self._nodes:
+            self._ask_unknown_nodes()
         if client not in self._nodes:
             raise LookupError(f"no SuperNode holds partition {client}; start one with partition-id={client}")
         return self._nodes[client]
+
+    def _connected_nodes(self) -> list[int]:
+        """The SuperNodes connected now; the first time, after waiting up to wait_s for one per client."""
+        nodes = list(self.grid.get_node_ids())
+        if self._waited:
+            return nodes
+        self._waited = True
+        deadline = time.monotonic() + self.wait_s
+        wanted = self.config.data.num_clients
+        while len(nodes) < wanted and time.monotonic() < deadline:
+            time.sleep(0.2)
+            nodes = list(self.grid.get_node_ids())
+        if len(nodes) < wanted:  # e.g. `flwr run` on the local SuperLink, which simulates 2 by default
+            log.warning(
+                "only %d of %d SuperNodes connected after %.0f s: the clients without one are rejected every "
+                "round. Start one SuperNode per client (flwr run: --federation-config 'num-supernodes=%d').",
+                len(nodes), wanted, self.wait_s, wanted,
+            )
+        return nodes
+
+    def _ask_unknown_nodes(self) -> None:
+        """Ask each connected SuperNode not heard from yet which partition it holds. One that stays
+        silent (a ClientApp still starting on a loaded machine) is asked again the next time one of
+        the clients it may hold is sampled, not dropped for the rest of the run."""
+        known = set(self._nodes.values())
+        unknown = [n for n in self._connected_nodes() if n not in known]
+        if not unknown:
+            return
+        queries = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown]
+        answered = set()
+        for reply in self.grid.send_and_receive(queries, timeout=self.wait_s):
+            answered.add(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("SuperNode %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+            else:
+                self._nodes[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+        if silent := sorted(set(unknown) - answered):
+            log.warning("SuperNodes %s did not answer within %.0f s; they are asked again when a client "
+                        "without a SuperNode is next sampled", silent, self.wait_s)
 
     def train(self, jobs: Sequence[ClientJob], done: Callable[[int], None]) -> list[Delivery]:
         results: dict[int, ClientUpdate | Exception] = {}
