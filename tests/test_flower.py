@@ -94,7 +94,8 @@ def test_missing_supernodes_are_named_with_the_fix(
     )
     engine = flower.FlowerEngine(_TwoNodeGrid(), context=None, setup=setup, wait_s=0.3)
     with caplog.at_level("WARNING"):
-        assert engine._node_of(1) == 101
+        engine._ask_unknown_nodes()
+    assert engine._node_of(1) == 101
     assert "only 2 of 4 SuperNodes" in caplog.text and "num-supernodes=4" in caplog.text
     with pytest.raises(LookupError, match="partition-id=3"):
         engine._node_of(3)
@@ -116,7 +117,7 @@ def test_a_silent_supernode_is_asked_again_not_dropped(
     tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A SuperNode that misses the first query (seen at load 4: its ClientApp took over wait_s to
-    start) is named in a warning and asked again, alone, when a client without a SuperNode is sampled."""
+    start) is named in a warning and asked again, alone, in the next round that samples a client without one."""
     from aslora.engines import flower
 
     def message(content: object, dst_node_id: int, message_type: str) -> SimpleNamespace:
@@ -130,7 +131,10 @@ def test_a_silent_supernode_is_asked_again_not_dropped(
     grid = _SlowNodeGrid()
     engine = flower.FlowerEngine(grid, context=None, setup=setup, wait_s=0.3)
     with caplog.at_level("WARNING"):
-        assert engine._node_of(0) == 100
-    assert "SuperNodes [101] did not answer" in caplog.text
+        engine._ask_unknown_nodes()
+    assert engine._node_of(0) == 100 and "SuperNodes [101] did not answer" in caplog.text
+    with pytest.raises(LookupError, match="partition-id=1"):
+        engine._node_of(1)
+    engine._ask_unknown_nodes()  # the next round that samples client 1 asks again
     assert engine._node_of(1) == 101 and engine._node_of(0) == 100
     assert grid.asked == [[100, 101], [101]]

@@ -160,9 +160,7 @@ class FlowerEngine:
         self._waited = False  # for the SuperNodes to connect: once, at the first job
 
     def _node_of(self, client: int) -> int:
-        """The SuperNode that holds `client`'s partition; SuperNodes not yet heard from are asked first."""
-        if client not in self._nodes:
-            self._ask_unknown_nodes()
+        """The SuperNode that holds `client`'s partition, as the SuperNodes have said."""
         if client not in self._nodes:
             raise LookupError(f"no SuperNode holds partition {client}; start one with partition-id={client}")
         return self._nodes[client]
@@ -188,8 +186,8 @@ class FlowerEngine:
 
     def _ask_unknown_nodes(self) -> None:
         """Ask each connected SuperNode not heard from yet which partition it holds. One that stays
-        silent (a ClientApp still starting on a loaded machine) is asked again the next time one of
-        the clients it may hold is sampled, not dropped for the rest of the run."""
+        silent (a ClientApp still starting on a loaded machine) is asked again in the next round that
+        samples a client without a SuperNode, not dropped for the rest of the run."""
         known = set(self._nodes.values())
         unknown = [n for n in self._connected_nodes() if n not in known]
         if not unknown:
@@ -204,12 +202,14 @@ class FlowerEngine:
             else:
                 self._nodes[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
         if silent := sorted(set(unknown) - answered):
-            log.warning("SuperNodes %s did not answer within %.0f s; they are asked again when a client "
-                        "without a SuperNode is next sampled", silent, self.wait_s)
+            log.warning("SuperNodes %s did not answer within %.0f s; they are asked again in the next round "
+                        "that samples a client without a SuperNode", silent, self.wait_s)
 
     def train(self, jobs: Sequence[ClientJob], done: Callable[[int], None]) -> list[Delivery]:
         results: dict[int, ClientUpdate | Exception] = {}
         sent: dict[int, tuple[ConfigRecord, ClientJob]] = {}  # node id -> the message content, the job
+        if any(job.client_id not in self._nodes for job in jobs):  # once a round: a silent node costs one wait
+            self._ask_unknown_nodes()
         for job in jobs:
             try:
                 sent[self._node_of(job.client_id)] = (encode_job(job, self.config), job)
