@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from typer.testing import CliRunner
 from aslora.cli import app
 from aslora.config import ExperimentConfig
 from aslora.experiment import run_experiment
+
+if TYPE_CHECKING:
+    from aslora.engines.flower import FlowerEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,11 +81,8 @@ class _TwoNodeGrid:
         ]
 
 
-def test_missing_supernodes_are_named_with_the_fix(
-    tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Fewer SuperNodes than clients (flwr run's default of 2): a warning says how many to start,
-    and the client without one is rejected with the reason, not waited on for ever."""
+def _engine_on(grid: _TwoNodeGrid, config: ExperimentConfig, monkeypatch: pytest.MonkeyPatch) -> FlowerEngine:
+    """A FlowerEngine on a fake grid, with a short wait for the SuperNodes."""
     from aslora.engines import flower
 
     # a real Message needs a running Flower app; the engine only reads where it goes
@@ -90,9 +91,18 @@ def test_missing_supernodes_are_named_with_the_fix(
 
     monkeypatch.setattr(flower, "Message", message)
     setup = SimpleNamespace(
-        config=tiny_config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 4, initial=SimpleNamespace(tensors=dict)
+        config=config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * config.data.num_clients,
+        initial=SimpleNamespace(tensors=dict),
     )
-    engine = flower.FlowerEngine(_TwoNodeGrid(), context=None, setup=setup, wait_s=0.3)
+    return flower.FlowerEngine(grid, context=None, setup=setup, wait_s=0.3)
+
+
+def test_missing_supernodes_are_named_with_the_fix(
+    tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer SuperNodes than clients (flwr run's default of 2): a warning says how many to start,
+    and the client without one is rejected with the reason, not waited on for ever."""
+    engine = _engine_on(_TwoNodeGrid(), tiny_config, monkeypatch)
     with caplog.at_level("WARNING"):
         engine._ask_unknown_nodes()
     assert engine._node_of(1) == 101
@@ -118,18 +128,8 @@ def test_a_silent_supernode_is_asked_again_not_dropped(
 ) -> None:
     """A SuperNode that misses the first query (seen at load 4: its ClientApp took over wait_s to
     start) is named in a warning and asked again, alone, in the next round that samples a client without one."""
-    from aslora.engines import flower
-
-    def message(content: object, dst_node_id: int, message_type: str) -> SimpleNamespace:
-        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst_node_id))
-
-    monkeypatch.setattr(flower, "Message", message)
-    config = tiny_config.with_overrides({"data.num_clients": 2})
-    setup = SimpleNamespace(
-        config=config, method=lambda: SimpleNamespace(weight=float), sizes=[10] * 2, initial=SimpleNamespace(tensors=dict)
-    )
     grid = _SlowNodeGrid()
-    engine = flower.FlowerEngine(grid, context=None, setup=setup, wait_s=0.3)
+    engine = _engine_on(grid, tiny_config.with_overrides({"data.num_clients": 2}), monkeypatch)
     with caplog.at_level("WARNING"):
         engine._ask_unknown_nodes()
     assert engine._node_of(0) == 100 and "SuperNodes [101] did not answer" in caplog.text
