@@ -24,8 +24,8 @@ from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment, warn_if_long
 from aslora.pretrained import resolve_model
 from aslora.privacy import RDP_ORDERS, DPSettings
-from aslora.protocol import ClientJob, ClientUpdate, GlobalState
-from aslora.server import loss_by_step
+from aslora.protocol import ClientJob, GlobalState
+from aslora.server import mean_by_step
 from aslora.tasks import load_task
 from aslora.tasks.pooling import pooled_classifier
 
@@ -306,9 +306,6 @@ def test_a_run_projected_past_an_hour_is_warned_about(
     assert any("the first round took" in r.message and "1 rounds will take" in r.message for r in caplog.records)
 
 
-def test_the_loss_by_step_skips_empty_batches_and_short_histories() -> None:
-    def update(losses: list[float | None]) -> ClientUpdate:
-        return ClientUpdate(client_id=0, n_examples=1, factors={}, head={}, loss=0.0, examples_seen=1, step_losses=losses)
-
-    assert loss_by_step([update([1.0, None, 3.0]), update([2.0, None]), update([])]) == [1.5, None, 3.0]
-    assert loss_by_step([]) == []
+def test_the_mean_by_step_skips_empty_batches_and_short_histories() -> None:
+    assert mean_by_step([[1.0, None, 3.0], [2.0, None], []]) == [1.5, None, 3.0]
+    assert mean_by_step([]) == []

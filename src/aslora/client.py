@@ -43,6 +43,7 @@ class LocalSettings:
     score_clip_share: float | None = None  # selection.score_clip_share: the inactive factors' part of C^2
     floor_g: bool = True  # selection.floor_g: upload max(G, 0) (ALGORITHM.md 4.1), else the unbiased G
     a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
+    step_control: str = "none"  # optim.step_control: 'secant' shortens a local step that would overshoot
 
     def rate(self, n_examples: int) -> float:
         """The Poisson sampling rate q of a client with `n_examples`: the one definition that DP-SGD,
@@ -154,9 +155,11 @@ def train_client(
         view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
         accountant, generator, on_gradient, rule.clip_groups,
         lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
+        step_control=settings.step_control,
     ) as session:
         step_losses, seen = _local_steps(session, rule.params, loss_fn, settings)
         stats = rule.statistics(session.noise_variance)
+        lr_multipliers = session.control.multipliers if session.control is not None else []
     losses = [loss for loss in step_losses if loss is not None]
     return ClientUpdate(
         client_id=job.client_id,
@@ -166,6 +169,7 @@ def train_client(
         loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
         step_losses=step_losses,
+        step_lr_multipliers=lr_multipliers,
         privacy_history=list(accountant.history),
         stats=floor_g(stats) if settings.floor_g else stats,
         train_time_s=time.perf_counter() - started,

@@ -201,6 +201,13 @@ class OptimConfig(_Section):
         "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
         "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
     )
+    step_control: Literal["none", "secant"] = Field(
+        "none",
+        description="'secant': each local step after the first is shortened to where the loss along the step "
+        "before it is lowest, as the two privatised gradients measure it (stepsize.py; post-processing, never "
+        "longer than lr). For SGD, with 2 or more local steps: once A has aligned, a B step tuned at the "
+        "start overshoots a client's loss on label-skewed shards",
+    )
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size (per client, or on average)")
     batch_scaling: Literal["fixed", "by_size"] = Field(
         "fixed",
@@ -211,6 +218,15 @@ class OptimConfig(_Section):
         0, ge=0, description="physical batch: a logical batch runs in chunks of at most this many (0 = whole)"
     )
     eval_batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _control_fits(self) -> OptimConfig:
+        if self.step_control != "none" and self.optimizer != "sgd":
+            raise ValueError(
+                f"optim.step_control={self.step_control!r} sizes a plain SGD step (-lr g); optim.optimizer="
+                f"{self.optimizer!r} steps otherwise: set optim.optimizer='sgd' or optim.step_control='none'"
+            )
+        return self
 
 
 class SyntheticConfig(_Section):
@@ -428,6 +444,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"model.pooling={self.model.pooling!r} chooses a sentence classifier's embedding; task "
                 f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {_sentence_tasks()})"
+            )
+        if self.optim.step_control == "secant" and fed.local_steps < 2:
+            raise ValueError(
+                "optim.step_control='secant' shortens a local step from the step before it; with "
+                f"federation.local_steps={fed.local_steps} there is none: use 2 or more, or step_control='none'"
             )
         ranks = self.lora.client_ranks
         if ranks:

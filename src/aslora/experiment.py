@@ -257,6 +257,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         score_clip_share=config.selection.score_clip_share,
         floor_g=config.selection.floor_g,
         a_lr_scale=config.optim.a_lr_scale,
+        step_control=config.optim.step_control,
     )
 
 

@@ -26,6 +26,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import Dataset
 
+from aslora.stepsize import CONTROLS, SecantStepControl
+
 
 @dataclass(frozen=True)
 class DPSettings:
@@ -206,6 +208,7 @@ class TrainingSession:
     sample_rate: float
     noise_variance: float  # nu = (sigma C / b)^2 per coordinate of one step's gradient
     on_gradient: Callable[[], None] | None = None
+    control: SecantStepControl | None = None  # optim.step_control 'secant': its multipliers, step by step
 
     def step(self) -> None:
         """Apply the step; `on_gradient` first sees the gradient as it will be applied.
@@ -270,6 +273,7 @@ def private_training(
     on_gradient: Callable[[], None] | None = None,
     clip_groups: ClipGroups | None = None,
     lr_scales: Sequence[float] = (),
+    step_control: str = "none",
 ) -> Iterator[TrainingSession]:
     """Attach Opacus to `model` for one round; detach and clean up afterwards.
 
@@ -281,6 +285,8 @@ def private_training(
     before the optimiser applies it. With `clip_groups` the clip is split
     over groups of `params` (GroupClipDPOptimizer), at the same sigma. With `lr_scales`,
     `params[i]` steps at `lr * lr_scales[i]` (LoRA+); the privatised gradient does not depend on it.
+    `step_control` 'secant' shortens each step after the first from the gradients released so
+    far (stepsize.py), after `on_gradient` has seen the gradient.
     """
     scales = list(lr_scales) or [1.0] * len(params)
     if len(scales) != len(params):
@@ -293,7 +299,8 @@ def private_training(
         groups.setdefault(scale, []).append(p)
     optimizer = OPTIMIZERS[optimizer_name]([{"params": ps, "lr": lr * scale} for scale, ps in groups.items()])
     if not dp.enabled:
-        yield TrainingSession(model, optimizer, loader, rate, 0.0, on_gradient)
+        control = _control(step_control, optimizer, 0.0)
+        yield TrainingSession(model, optimizer, loader, rate, 0.0, _then(on_gradient, control), control)
         return
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer_class = (
@@ -309,16 +316,18 @@ def private_training(
         generator=generator,
     )
     account = accountant.get_optimizer_hook_fn(sample_rate=rate)
+    nu = (dp.noise_multiplier * dp.clip / dp_optimizer.expected_batch_size) ** 2
+    control = _control(step_control, optimizer, nu)
+    then = _then(on_gradient, control)
 
     def after_noise(optim: DPOptimizer) -> None:  # Opacus holds a single step hook
         account(optim)
-        if on_gradient is not None:
-            on_gradient()
+        if then is not None:
+            then()
 
     dp_optimizer.attach_step_hook(after_noise)
-    nu = (dp.noise_multiplier * dp.clip / dp_optimizer.expected_batch_size) ** 2
     try:
-        yield TrainingSession(wrapped, dp_optimizer, loader, rate, nu, on_gradient)
+        yield TrainingSession(wrapped, dp_optimizer, loader, rate, nu, then, control)
     finally:
         wrapped.to_standard_module()
         for p in params:
@@ -326,6 +335,24 @@ def private_training(
                 if hasattr(p, attr):
                     delattr(p, attr)
             p.grad = None
+
+
+def _control(name: str, optimizer: torch.optim.Optimizer, nu: float) -> SecantStepControl | None:
+    if name not in CONTROLS:
+        raise ValueError(f"unknown step control {name!r}; choose one of {', '.join(CONTROLS)}")
+    return SecantStepControl(optimizer, nu) if name == "secant" else None
+
+
+def _then(first: Callable[[], None] | None, second: Callable[[], None] | None) -> Callable[[], None] | None:
+    """`first`, then `second`, each where given."""
+    if first is None or second is None:
+        return first or second
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def update_norm_bound(

@@ -98,6 +98,8 @@ class ClientUpdate:
     # Each local step's batch loss, in order (None: an empty Poisson batch): where a round's own
     # steps raise the loss, the local step overshoots (train_loss_by_step in metrics.jsonl).
     step_losses: list[float | None] = field(default_factory=list)
+    # Each local step's lr as a multiple of the configured one (optim.step_control; empty without).
+    step_lr_multipliers: list[float] = field(default_factory=list)
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     train_time_s: float = 0.0  # the client's wall time for the round, as it measured it

@@ -108,6 +108,8 @@ class RoundRecord:
     # The clients' mean loss at each local step (None where every batch was empty): train_loss,
     # step by step, so that a round whose own steps raise the loss shows.
     train_loss_by_step: list[float | None] = field(default_factory=list)
+    # The clients' mean lr multiplier at each local step (optim.step_control; empty without).
+    lr_multiplier_by_step: list[float | None] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
     # With a probe set (data.probe_size): the round's realised probe-loss decrease per layer and the
     # scores its decision read (diagnostics.py); server-side measurements, outside the DP scope.
@@ -117,13 +119,14 @@ class RoundRecord:
         return {**self.__dict__, "mask": {k: list(v) for k, v in self.mask.items()}}
 
 
-def loss_by_step(updates: Sequence[ClientUpdate]) -> list[float | None]:
-    """The mean over `updates` of each local step's loss, skipping empty batches."""
-    steps = max((len(u.step_losses) for u in updates), default=0)
+def mean_by_step(per_client: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """The mean over clients of each local step's value (a loss, an lr multiplier), skipping the
+    Nones of empty batches and the steps a short list lacks."""
+    steps = max((len(values) for values in per_client), default=0)
     means: list[float | None] = []
     for k in range(steps):
-        losses = [u.step_losses[k] for u in updates if k < len(u.step_losses) and u.step_losses[k] is not None]
-        means.append(float(np.mean(losses)) if losses else None)
+        values = [v[k] for v in per_client if k < len(v) and v[k] is not None]
+        means.append(float(np.mean(values)) if values else None)
     return means
 
 
@@ -511,7 +514,8 @@ class Federation:
             client_time_s=times.clients_s,
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
             bytes_down_per_client=float(np.mean(downs)) if downs else 0.0,
-            train_loss_by_step=loss_by_step(accepted),
+            train_loss_by_step=mean_by_step([u.step_losses for u in accepted]),
+            lr_multiplier_by_step=mean_by_step([u.step_lr_multipliers for u in accepted]),
             metrics=metrics,
             selection=self.method.describe(self.state) if accepted else {},
         )

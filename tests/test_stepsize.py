@@ -1,0 +1,76 @@
+"""optim.step_control 'secant': a local step after an overshoot lands where the loss along it is lowest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from aslora.config import ConfigError, ExperimentConfig
+from aslora.experiment import run_experiment
+from aslora.stepsize import SecantStepControl
+
+
+def _steps(
+    curvatures: list[float], lr: float, steps: int, noise: float = 0.0, seed: int = 0, start: float = 1.0
+) -> tuple[torch.Tensor, list[float]]:
+    """SGD with the control on f(w) = sum h_i w_i^2 / 2 from w = start, each gradient with N(0, noise^2) added."""
+    h = torch.tensor(curvatures, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.full((len(curvatures),), start, dtype=torch.float64))
+    optimizer = torch.optim.SGD([w], lr=lr)
+    control = SecantStepControl(optimizer, noise**2)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        w.grad = h * w.detach() + noise * torch.randn(len(curvatures), generator=generator, dtype=torch.float64)
+        control()
+        optimizer.step()
+    return w.detach(), control.multipliers
+
+
+def test_an_overshooting_step_is_followed_by_one_to_the_minimum() -> None:
+    # lr h = 3: the first step jumps from 1 to -2; the second, at lr / 3, lands on 0.
+    w, multipliers = _steps([3.0], lr=1.0, steps=2)
+    assert multipliers == pytest.approx([1.0, 1 / 3])
+    assert float(w.abs().max()) < 1e-12
+
+
+def test_a_stable_step_keeps_its_lr() -> None:
+    # lr h = 0.5: no overshoot; the quadratic's minimum lies beyond the step, and the lr is a cap.
+    w, multipliers = _steps([0.5, 0.25], lr=1.0, steps=3)
+    assert multipliers == [1.0, 1.0, 1.0]
+    assert w.tolist() == pytest.approx([0.5**3, 0.75**3])
+
+
+def test_the_noise_of_the_first_gradient_is_no_slope() -> None:
+    # h = 3 everywhere, and the gradient's noise as large as its signal (||s||^2 = nu dim = 4): along
+    # the noisy step the loss is lowest at a* = ||s||^2 / (3 ||s + z||^2) = 1/6. Taking ||g1||^2 for
+    # the slope, noise included, would give 8 / 28 = 0.29.
+    multipliers = [
+        _steps([3.0] * 400, lr=1.0, steps=2, noise=0.1, seed=s, start=0.1 / 3)[1][1] for s in range(10)
+    ]
+    assert sum(multipliers) / 10 == pytest.approx(1 / 6, abs=0.02)
+
+
+def test_a_dp_run_logs_its_multipliers_and_shortens_no_step_beyond_lr(tiny_config: ExperimentConfig) -> None:
+    config = tiny_config.with_overrides({"method": "ffa", "optim.step_control": "secant", "optim.lr": 8.0})
+    rows = run_experiment(config).records
+    for row in rows:
+        first, second = row.lr_multiplier_by_step
+        assert first == 1.0 and 0.0 <= second <= 1.0
+    assert all(len(r.train_loss_by_step) == 2 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"optim.step_control": "secant", "optim.optimizer": "adam"}, "optim.optimizer='sgd'"),
+        ({"optim.step_control": "secant", "federation.local_steps": 1}, "local_steps"),
+        ({"optim.step_control": "bb"}, "secant"),
+    ],
+)
+def test_a_step_control_that_cannot_act_fails_at_config_time(
+    tiny_config: ExperimentConfig, tmp_path: Path, overrides: dict[str, object], names: str
+) -> None:
+    with pytest.raises(ConfigError, match=names):
+        tiny_config.with_overrides(overrides)
