@@ -1,13 +1,17 @@
-"""optim.step_control 'secant': a local step after an overshoot lands where the loss along it is lowest."""
+"""optim.step_control: a local step after an overshoot is shortened to where the loss along it is lowest, and
+'secant_decay' starts each round where the last steps ended."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import metric_rows
 
 from aslora.config import ConfigError, ExperimentConfig
+from aslora.engines.local import LocalEngine
 from aslora.experiment import run_experiment
 from aslora.stepsize import SecantStepControl
 
@@ -59,6 +63,36 @@ def test_a_dp_run_logs_its_multipliers_and_shortens_no_step_beyond_lr(tiny_confi
         first, second = row.lr_multiplier_by_step
         assert first == 1.0 and 0.0 <= second <= 1.0
     assert all(len(r.train_loss_by_step) == 2 for r in rows)
+
+
+class _StopsInRound2(LocalEngine):
+    def train(self, jobs, done):  # type: ignore[no-untyped-def]
+        if jobs[0].round_index == 2:
+            raise KeyboardInterrupt
+        return super().train(jobs, done)
+
+
+def test_the_decay_starts_each_round_where_the_last_steps_ended_and_survives_a_resume(
+    tiny_config: ExperimentConfig, tmp_path: Path
+) -> None:
+    config = tiny_config.with_overrides(
+        {"method": "ffa", "optim.step_control": "secant_decay", "optim.lr": 8.0, "federation.rounds": 4,
+         "privacy.noise_multiplier": 2.0, "output_dir": str(tmp_path / "reference")}
+    )
+    rows = [r.lr_multiplier_by_step for r in run_experiment(config).records]
+    assert rows[0][0] == 1.0
+    for before, after in itertools.pairwise(rows):
+        # 2 clients per round, each starting at the same lr: the mean of their last steps
+        assert after[0] <= before[0] and after[0] == pytest.approx(before[-1])
+    assert rows[-1][0] < 1.0
+
+    stopped = config.with_overrides({"output_dir": str(tmp_path / "stopped")})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(stopped, engine=lambda setup: setup.local_engine(_StopsInRound2))
+    (run,) = (tmp_path / "stopped").iterdir()
+    run_experiment(stopped, resume=run)
+    resumed = [m for r in metric_rows(run) for m in r["lr_multiplier_by_step"]]
+    assert resumed == pytest.approx([m for r in rows for m in r])
 
 
 @pytest.mark.parametrize(

@@ -152,14 +152,16 @@ def train_client(
     accountant = new_accountant(settings.accountant)
     a_factors = {id(view.parameter(layer, "A")) for layer in view.layers}
     with private_training(
-        view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr, settings.dp,
+        view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr * job.lr_multiplier,
+        settings.dp,
         accountant, generator, on_gradient, rule.clip_groups,
         lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
         step_control=settings.step_control,
     ) as session:
         step_losses, seen = _local_steps(session, rule.params, loss_fn, settings)
         stats = rule.statistics(session.noise_variance)
-        lr_multipliers = session.control.multipliers if session.control is not None else []
+        control = session.control
+        lr_multipliers = [job.lr_multiplier * m for m in control.multipliers] if control is not None else []
     losses = [loss for loss in step_losses if loss is not None]
     return ClientUpdate(
         client_id=job.client_id,

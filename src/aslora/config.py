@@ -201,12 +201,13 @@ class OptimConfig(_Section):
         "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
         "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
     )
-    step_control: Literal["none", "secant"] = Field(
+    step_control: Literal["none", "secant", "secant_decay"] = Field(
         "none",
         description="'secant': each local step after the first is shortened to where the loss along the step "
         "before it is lowest, as the two privatised gradients measure it (stepsize.py; post-processing, never "
-        "longer than lr). For SGD, with 2 or more local steps: once A has aligned, a B step tuned at the "
-        "start overshoots a client's loss on label-skewed shards",
+        "longer than lr). 'secant_decay': also each round starts at the mean lr the clients' last steps ended "
+        "at (a decay set by measurement). For SGD, with 2 or more local steps: once A has aligned, a B step "
+        "tuned at the start overshoots a client's loss on label-skewed shards",
     )
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size (per client, or on average)")
     batch_scaling: Literal["fixed", "by_size"] = Field(
@@ -445,9 +446,9 @@ class ExperimentConfig(_Section):
                 f"model.pooling={self.model.pooling!r} chooses a sentence classifier's embedding; task "
                 f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {_sentence_tasks()})"
             )
-        if self.optim.step_control == "secant" and fed.local_steps < 2:
+        if self.optim.step_control != "none" and fed.local_steps < 2:
             raise ValueError(
-                "optim.step_control='secant' shortens a local step from the step before it; with "
+                f"optim.step_control={self.optim.step_control!r} shortens a local step from the step before it; with "
                 f"federation.local_steps={fed.local_steps} there is none: use 2 or more, or step_control='none'"
             )
         ranks = self.lora.client_ranks

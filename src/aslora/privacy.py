@@ -208,7 +208,7 @@ class TrainingSession:
     sample_rate: float
     noise_variance: float  # nu = (sigma C / b)^2 per coordinate of one step's gradient
     on_gradient: Callable[[], None] | None = None
-    control: SecantStepControl | None = None  # optim.step_control 'secant': its multipliers, step by step
+    control: SecantStepControl | None = None  # optim.step_control: its multipliers, step by step
 
     def step(self) -> None:
         """Apply the step; `on_gradient` first sees the gradient as it will be applied.
@@ -285,7 +285,7 @@ def private_training(
     before the optimiser applies it. With `clip_groups` the clip is split
     over groups of `params` (GroupClipDPOptimizer), at the same sigma. With `lr_scales`,
     `params[i]` steps at `lr * lr_scales[i]` (LoRA+); the privatised gradient does not depend on it.
-    `step_control` 'secant' shortens each step after the first from the gradients released so
+    `step_control` ('secant', 'secant_decay') shortens each step after the first from the gradients released so
     far (stepsize.py), after `on_gradient` has seen the gradient.
     """
     scales = list(lr_scales) or [1.0] * len(params)
@@ -340,7 +340,7 @@ def private_training(
 def _control(name: str, optimizer: torch.optim.Optimizer, nu: float) -> SecantStepControl | None:
     if name not in CONTROLS:
         raise ValueError(f"unknown step control {name!r}; choose one of {', '.join(CONTROLS)}")
-    return SecantStepControl(optimizer, nu) if name == "secant" else None
+    return None if name == "none" else SecantStepControl(optimizer, nu)  # the decay is the server's part
 
 
 def _then(first: Callable[[], None] | None, second: Callable[[], None] | None) -> Callable[[], None] | None:

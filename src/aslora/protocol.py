@@ -70,6 +70,7 @@ class ClientJob:
     download: dict[str, torch.Tensor] = field(default_factory=dict)
     evaluate: bool = False  # a personalised method's evaluation round: the client scores its own model
     base: int = -1  # the round whose download the client last received (-1: none, the seeded initial)
+    lr_multiplier: float = 1.0  # this round's lr as a multiple of optim.lr (optim.step_control 'secant_decay')
 
     def header(self) -> dict[str, Any]:
         """The job without its download, as JSON-able values."""
@@ -77,6 +78,7 @@ class ClientJob:
             "client_id": self.client_id, "round_index": self.round_index, "seed": self.seed,
             "mask": {layer: list(fs) for layer, fs in self.mask.items()}, "statistics": self.statistics,
             "rank": self.rank, "fail": self.fail, "evaluate": self.evaluate, "base": self.base,
+            "lr_multiplier": self.lr_multiplier,
         }
 
     @classmethod
@@ -98,7 +100,7 @@ class ClientUpdate:
     # Each local step's batch loss, in order (None: an empty Poisson batch): where a round's own
     # steps raise the loss, the local step overshoots (train_loss_by_step in metrics.jsonl).
     step_losses: list[float | None] = field(default_factory=list)
-    # Each local step's lr as a multiple of the configured one (optim.step_control; empty without).
+    # Each local step's lr as a multiple of optim.lr (optim.step_control; empty without).
     step_lr_multipliers: list[float] = field(default_factory=list)
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)

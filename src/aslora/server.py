@@ -23,6 +23,7 @@ from aslora.methods.base import Method, aggregation_error, weighted_mean
 from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import restore_accountant, spent_epsilon
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, Mask
+from aslora.stepsize import next_round_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,14 @@ class Federation:
         self._initial = dict(self._version)
         self._seen: dict[int, dict[str, int]] = {i: dict(self._initial) for i in range(len(self.sizes))}
         self._synced_round: dict[int, int] = dict.fromkeys(self._seen, -1)  # ClientJob.base
+        self.lr_multiplier = 1.0  # the next round's lr as a multiple of optim.lr ('secant_decay')
 
     def snapshot(self) -> dict[str, Any]:
         """The bookkeeping a checkpoint must keep: privacy histories and the tensors' versions."""
         return {
             "histories": [[c, [list(h) for h in hist]] for c, hist in self.histories.items()],
             "versions": dict(self._version),
+            "lr_multiplier": self.lr_multiplier,
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
@@ -272,6 +275,7 @@ class Federation:
         carries everything that changed since."""
         self.histories = {int(c): [tuple(h) for h in hist] for c, hist in snapshot["histories"]}
         self._version = dict(snapshot["versions"])
+        self.lr_multiplier = float(snapshot.get("lr_multiplier", 1.0))  # absent: a checkpoint from before the decay
         self._seen = {c: dict(self._initial) for c in self._seen}
         self._synced_round = dict.fromkeys(self._seen, -1)
 
@@ -348,6 +352,9 @@ class Federation:
         diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
         self.state = new_state
+        if self.settings.local.step_control == "secant_decay":
+            last_steps = [u.step_lr_multipliers[-1] for u in first.accepted if u.step_lr_multipliers]
+            self.lr_multiplier = next_round_multiplier(self.lr_multiplier, last_steps)
         record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, trials)
         record.diagnostics = diagnostics
         return record
@@ -414,6 +421,7 @@ class Federation:
                 download=downloads[c],
                 evaluate=evaluate,
                 base=self._synced_round[c],
+                lr_multiplier=self.lr_multiplier,
             )
             for c in clients
         ]
