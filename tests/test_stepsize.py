@@ -13,7 +13,7 @@ from conftest import metric_rows
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
 from aslora.experiment import run_experiment
-from aslora.stepsize import SecantStepControl
+from aslora.stepsize import SecantStepControl, next_round_multiplier
 
 
 def _steps(
@@ -63,6 +63,13 @@ def test_a_dp_run_logs_its_multipliers_and_shortens_no_step_beyond_lr(tiny_confi
         first, second = row.lr_multiplier_by_step
         assert first == 1.0 and 0.0 <= second <= 1.0
     assert all(len(r.train_loss_by_step) == 2 for r in rows)
+
+
+def test_no_client_report_can_raise_the_next_rounds_lr() -> None:
+    assert next_round_multiplier(0.5, [0.25, 0.75]) == pytest.approx(0.375)  # 0.75 held to 0.5
+    assert next_round_multiplier(0.5, [float("nan"), float("inf"), 1e9]) == 0.5
+    assert next_round_multiplier(0.5, [-3.0, 0.5]) == 0.25
+    assert next_round_multiplier(0.5, []) == 0.5
 
 
 class _StopsInRound2(LocalEngine):

@@ -14,6 +14,8 @@ noise terms below are what it needs), hence these few lines.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CONTROLS = ("none", "secant", "secant_decay")
@@ -64,7 +66,9 @@ class SecantStepControl:
 
 def next_round_multiplier(current: float, last_steps: list[float]) -> float:
     """'secant_decay': the lr (as a multiple of optim.lr) the next round starts at: the mean of the
-    lrs the clients' last steps ended at (`current` where none was measured).
+    lrs the clients' last steps ended at (`current` where none was measured). A reported value is
+    a client's word: one that is not finite is ignored, and each is held within [0, current], so no
+    client can raise the lr of the others.
 
     Why: the control shortens only the steps after the first, and from RoLoRA's seed-1 run the
     first step of each round kept overshooting more as A aligned (the clients' batch loss after
@@ -72,4 +76,5 @@ def next_round_multiplier(current: float, last_steps: list[float]) -> float:
     lr). Carrying the shortened lr into the next round makes it a decay set by measurement: it
     never grows, and it shrinks only where the steps overshoot.
     """
-    return sum(last_steps) / len(last_steps) if last_steps else current
+    values = [min(max(m, 0.0), current) for m in last_steps if math.isfinite(m)]
+    return sum(values) / len(values) if values else current
