@@ -2,7 +2,7 @@
 
 Why: on label-skewed shards the lr that is stable at the start of a run can overshoot a client's
 own loss later, once A has turned towards the activations and a step on B moves the logits
-further (RESULTS.md: one B-and-head step at lr 4 takes a client's batch loss from 0.72 to 1.84,
+further (RESULTS.md: one B-and-head step at lr 4 takes a client's batch loss from 0.72 to 1.83,
 signal alone, noise off). The next local step then starts from there. The step before and the
 gradient after it are enough to see it: along the last step dw = -lr g1 the loss is a quadratic
 whose slope and curvature the two privatised gradients give, so the next step is shortened to
