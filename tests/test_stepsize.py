@@ -1,5 +1,5 @@
 """optim.step_control: a local step after an overshoot is shortened to where the loss along it is lowest, and
-'secant_decay' starts each round where the last steps ended."""
+'secant_decay' starts each round where the last steps ended; optim.lr_schedule: the server's lr over rounds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import metric_rows
 from aslora.config import ConfigError, ExperimentConfig
 from aslora.engines.local import LocalEngine
 from aslora.experiment import run_experiment
-from aslora.stepsize import SecantStepControl, next_round_multiplier
+from aslora.stepsize import SecantStepControl, next_round_multiplier, scheduled_multiplier
 
 
 def _steps(
@@ -108,6 +108,9 @@ def test_the_decay_starts_each_round_where_the_last_steps_ended_and_survives_a_r
         ({"optim.step_control": "secant", "optim.optimizer": "adam"}, "optim.optimizer='sgd'"),
         ({"optim.step_control": "secant", "federation.local_steps": 1}, "local_steps"),
         ({"optim.step_control": "bb"}, "secant"),
+        ({"optim.step_control": "secant_decay", "optim.lr_schedule": "cosine"}, "keep one"),
+        ({"optim.lr_schedule": "linear"}, "cosine"),
+        ({"optim.lr_final_scale": 1.5}, "lr_final_scale"),
     ],
 )
 def test_a_step_control_that_cannot_act_fails_at_config_time(
@@ -115,3 +118,31 @@ def test_a_step_control_that_cannot_act_fails_at_config_time(
 ) -> None:
     with pytest.raises(ConfigError, match=names):
         tiny_config.with_overrides(overrides)
+
+
+def test_the_cosine_schedule_falls_from_lr_towards_its_final_scale() -> None:
+    values = [scheduled_multiplier("cosine", r, 10, 0.1) for r in range(10)]
+    assert values[0] == 1.0 and values[5] == pytest.approx(0.55)  # halfway: the mean of 1 and 0.1
+    assert all(a > b for a, b in itertools.pairwise(values)) and values[-1] > 0.1
+    assert [scheduled_multiplier("constant", r, 10, 0.1) for r in range(10)] == [1.0] * 10
+
+
+def test_the_clients_step_at_the_scheduled_lr_and_a_resume_continues_it(
+    tiny_config: ExperimentConfig, tmp_path: Path
+) -> None:
+    # With the secant control each client reports its steps' lr: the first step's is the round's.
+    config = tiny_config.with_overrides(
+        {"method": "ffa", "optim.lr_schedule": "cosine", "optim.step_control": "secant", "federation.rounds": 4,
+         "output_dir": str(tmp_path / "reference")}
+    )
+    rows = run_experiment(config).records
+    expected = [scheduled_multiplier("cosine", r, 4, 0.0) for r in range(4)]
+    assert [r.lr_multiplier for r in rows] == pytest.approx(expected)
+    assert [r.lr_multiplier_by_step[0] for r in rows] == pytest.approx(expected)
+
+    stopped = config.with_overrides({"output_dir": str(tmp_path / "stopped")})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(stopped, engine=lambda setup: setup.local_engine(_StopsInRound2))
+    (run,) = (tmp_path / "stopped").iterdir()
+    run_experiment(stopped, resume=run)
+    assert [r["lr_multiplier"] for r in metric_rows(run)] == pytest.approx(expected)

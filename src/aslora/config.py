@@ -209,6 +209,12 @@ class OptimConfig(_Section):
         "at (a decay set by measurement). For SGD, with 2 or more local steps: once A has aligned, a B step "
         "tuned at the start overshoots a client's loss on label-skewed shards",
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="the round's lr, set by the server: 'cosine' falls from lr at round 0 to lr * lr_final_scale "
+        "past the last round (stepsize.py; post-processing, no privacy cost)",
+    )
+    lr_final_scale: float = Field(0.0, ge=0, le=1, description="'cosine': the lr it falls towards, as a multiple of lr")
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size (per client, or on average)")
     batch_scaling: Literal["fixed", "by_size"] = Field(
         "fixed",
@@ -226,6 +232,11 @@ class OptimConfig(_Section):
             raise ValueError(
                 f"optim.step_control={self.step_control!r} sizes a plain SGD step (-lr g); optim.optimizer="
                 f"{self.optimizer!r} steps otherwise: set optim.optimizer='sgd' or optim.step_control='none'"
+            )
+        if self.step_control == "secant_decay" and self.lr_schedule != "constant":
+            raise ValueError(
+                f"optim.step_control='secant_decay' and optim.lr_schedule={self.lr_schedule!r} both set each round's "
+                "lr: keep one (step_control='secant' with the schedule, or lr_schedule='constant')"
             )
         return self
 

@@ -515,6 +515,8 @@ def _federation(setup: Setup, method: Method, runner: Engine, evaluator: Evaluat
             stragglers=fed.stragglers,
             min_clients=fed.min_clients,
             secure_aggregation=fed.secure_aggregation,
+            lr_schedule=config.optim.lr_schedule,
+            lr_final_scale=config.optim.lr_final_scale,
         ),
         evaluate=evaluator.evaluate,
         train_head=config.lora.train_head,

@@ -70,7 +70,7 @@ class ClientJob:
     download: dict[str, torch.Tensor] = field(default_factory=dict)
     evaluate: bool = False  # a personalised method's evaluation round: the client scores its own model
     base: int = -1  # the round whose download the client last received (-1: none, the seeded initial)
-    lr_multiplier: float = 1.0  # this round's lr as a multiple of optim.lr (optim.step_control 'secant_decay')
+    lr_multiplier: float = 1.0  # this round's lr as a multiple of optim.lr (optim.lr_schedule, 'secant_decay')
 
     def header(self) -> dict[str, Any]:
         """The job without its download, as JSON-able values."""

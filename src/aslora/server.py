@@ -23,7 +23,7 @@ from aslora.methods.base import Method, aggregation_error, weighted_mean
 from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import restore_accountant, spent_epsilon
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, Mask
-from aslora.stepsize import next_round_multiplier
+from aslora.stepsize import next_round_multiplier, scheduled_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class ServerSettings:
     stragglers: float = 0.0
     min_clients: int = 1
     secure_aggregation: bool = False  # the engine returns only the secure sum of the updates
+    lr_schedule: str = "constant"  # optim.lr_schedule: each round's lr as a function of the round
+    lr_final_scale: float = 0.0
 
     @property
     def dp_enabled(self) -> bool:
@@ -109,6 +111,7 @@ class RoundRecord:
     # The clients' mean loss at each local step (None where every batch was empty): train_loss,
     # step by step, so that a round whose own steps raise the loss shows.
     train_loss_by_step: list[float | None] = field(default_factory=list)
+    lr_multiplier: float = 1.0  # the round's lr as a multiple of optim.lr (optim.lr_schedule, 'secant_decay')
     # The clients' mean lr multiplier at each local step (optim.step_control; empty without).
     lr_multiplier_by_step: list[float | None] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
@@ -262,6 +265,12 @@ class Federation:
         self._synced_round: dict[int, int] = dict.fromkeys(self._seen, -1)  # ClientJob.base
         self.lr_multiplier = 1.0  # the next round's lr as a multiple of optim.lr ('secant_decay')
 
+    def round_lr_multiplier(self, round_index: int) -> float:
+        """The round's lr as a multiple of optim.lr: the schedule's, times the secant decay's."""
+        settings = self.settings
+        scheduled = scheduled_multiplier(settings.lr_schedule, round_index, settings.rounds, settings.lr_final_scale)
+        return scheduled * self.lr_multiplier
+
     def snapshot(self) -> dict[str, Any]:
         """The bookkeeping a checkpoint must keep: privacy histories and the tensors' versions."""
         return {
@@ -352,11 +361,11 @@ class Federation:
         diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
         self.state = new_state
+        record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, trials)
+        record.diagnostics = diagnostics
         if self.settings.local.step_control == "secant_decay":
             last_steps = [u.step_lr_multipliers[-1] for u in first.accepted if u.step_lr_multipliers]
             self.lr_multiplier = next_round_multiplier(self.lr_multiplier, last_steps)
-        record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, trials)
-        record.diagnostics = diagnostics
         return record
 
     def _masks(self, round_index: int) -> list[Mask]:
@@ -421,7 +430,7 @@ class Federation:
                 download=downloads[c],
                 evaluate=evaluate,
                 base=self._synced_round[c],
-                lr_multiplier=self.lr_multiplier,
+                lr_multiplier=self.round_lr_multiplier(round_index),
             )
             for c in clients
         ]
@@ -523,6 +532,7 @@ class Federation:
             bytes_up_per_client=float(np.mean(ups)) if ups else 0.0,
             bytes_down_per_client=float(np.mean(downs)) if downs else 0.0,
             train_loss_by_step=mean_by_step([u.step_losses for u in accepted]),
+            lr_multiplier=self.round_lr_multiplier(round_index),
             lr_multiplier_by_step=mean_by_step([u.step_lr_multipliers for u in accepted]),
             metrics=metrics,
             selection=self.method.describe(self.state) if accepted else {},

@@ -1,4 +1,5 @@
-"""A client's local step size from its own privatised gradients (optim.step_control).
+"""Step sizes: a client's local step from its own privatised gradients (optim.step_control), and
+the server's lr schedule over rounds (optim.lr_schedule).
 
 Why: on label-skewed shards the lr that is stable at the start of a run can overshoot a client's
 own loss later, once A has turned towards the activations and a step on B moves the logits
@@ -78,3 +79,19 @@ def next_round_multiplier(current: float, last_steps: list[float]) -> float:
     """
     values = [min(max(m, 0.0), current) for m in last_steps if math.isfinite(m)]
     return sum(values) / len(values) if values else current
+
+
+def scheduled_multiplier(schedule: str, round_index: int, rounds: int, final_scale: float) -> float:
+    """optim.lr_schedule: round `round_index`'s lr as a multiple of optim.lr. 'cosine' falls from 1
+    at round 0 to `final_scale` past the last round (SGDR's half cosine, Loshchilov & Hutter 2017).
+
+    Why: at a constant lr DP-SGD settles in a noise ball whose size grows with the lr (the dev
+    accuracy of the constant-lr runs swings by a point or more between evaluations, RESULTS.md);
+    shrinking the lr over the last rounds averages that noise away. A function of the round alone:
+    post-processing, no privacy cost, and a resumed run continues it exactly.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return final_scale + (1.0 - final_scale) * (1.0 + math.cos(math.pi * round_index / rounds)) / 2.0
+    raise ValueError(f"unknown lr schedule {schedule!r}: use 'constant' or 'cosine'")
