@@ -14,6 +14,8 @@ Suites (configs under configs/paper/):
   shortened where its first overshot its loss), for every method alike;
 - `cpu-2step-decay`: `cpu-2step` with `optim.step_control = "secant_decay"` (also each round
   starting at the lr the last round's steps ended at);
+- `cpu-cosine`: `<task>.toml` with `optim.lr_schedule = "cosine"` (each round's lr set by the server,
+  falling from lr towards 0 over the rounds);
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -58,19 +60,22 @@ SUITES = {
     "cpu-2step": "{task}.toml",
     "cpu-2step-control": "{task}.toml",
     "cpu-2step-decay": "{task}.toml",
+    "cpu-cosine": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
-# A suite that is another's config with its DP-SGD steps regrouped: derived, so it cannot drift from it.
+# A suite that is another's config with its DP-SGD steps regrouped or its lr scheduled: derived, so it cannot drift from it.
 # cpu-2step: the 30 steps of one local step per round as 15 rounds x 2, the same sigma and epsilon
 # (AS-LoRA's secant score needs two privatised gradients per round). cpu-2step-control: the same
 # with each client's second step shortened where the first overshot (optim.step_control 'secant');
 # cpu-2step-decay: and each round starting at the lr the last one's steps ended at ('secant_decay').
+# cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
 TWO_STEPS = {"federation.rounds": 15, "federation.local_steps": 2}
 SUITE_OVERRIDES = {
     "cpu-2step": TWO_STEPS,
     "cpu-2step-control": TWO_STEPS | {"optim.step_control": "secant"},
     "cpu-2step-decay": TWO_STEPS | {"optim.step_control": "secant_decay"},
+    "cpu-cosine": {"optim.lr_schedule": "cosine"},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.

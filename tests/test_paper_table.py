@@ -98,6 +98,13 @@ def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None
     assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == one
 
 
+def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
+    """cpu-cosine differs from cpu in the schedule alone, and its rows get their own regime fingerprint."""
+    cpu, cosine = paper_table.task_config("cpu", "sst2"), paper_table.task_config("cpu-cosine", "sst2")
+    assert cosine.optim.lr_schedule == "cosine" and cosine.with_overrides({"optim.lr_schedule": "constant"}) == cpu
+    assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
+
+
 def test_cells_run_the_named_seeds_in_the_order_given() -> None:
     """`--seed 1 --seed 0` runs the seed a question hangs on first; each cell keeps its own folder."""
     seeds = [seed for *_, seed, _folder in paper_table.cells("cpu-2step", ["sst2"], [3.0], [1, 0], ["ffa", "rolora"])]
