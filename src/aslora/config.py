@@ -21,6 +21,9 @@ from pydantic import (
 )
 
 INVALID = "invalid configuration:\n  "
+# The choices of optim.step_control and optim.lr_schedule (stepsize.py acts on them).
+StepControl = Literal["none", "secant", "secant_decay"]
+LrSchedule = Literal["constant", "cosine"]
 
 
 def _registry() -> dict[str, Any]:
@@ -201,7 +204,7 @@ class OptimConfig(_Section):
         "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
         "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
     )
-    step_control: Literal["none", "secant", "secant_decay"] = Field(
+    step_control: StepControl = Field(
         "none",
         description="'secant': each local step after the first is shortened to where the loss along the step "
         "before it is lowest, as the two privatised gradients measure it (stepsize.py; post-processing, never "
@@ -209,7 +212,7 @@ class OptimConfig(_Section):
         "at (a decay set by measurement). For SGD, with 2 or more local steps: once A has aligned, a B step "
         "tuned at the start overshoots a client's loss on label-skewed shards",
     )
-    lr_schedule: Literal["constant", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant",
         description="the round's lr, set by the server: 'cosine' falls from lr at round 0 to lr * lr_final_scale "
         "past the last round (stepsize.py; post-processing, no privacy cost)",

@@ -16,10 +16,13 @@ noise terms below are what it needs), hence these few lines.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
-CONTROLS = ("none", "secant", "secant_decay")
+from aslora.config import LrSchedule, StepControl
+
+CONTROLS: tuple[str, ...] = get_args(StepControl)
 
 
 class SecantStepControl:
@@ -94,4 +97,4 @@ def scheduled_multiplier(schedule: str, round_index: int, rounds: int, final_sca
         return 1.0
     if schedule == "cosine":
         return final_scale + (1.0 - final_scale) * (1.0 + math.cos(math.pi * round_index / rounds)) / 2.0
-    raise ValueError(f"unknown lr schedule {schedule!r}: use 'constant' or 'cosine'")
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(get_args(LrSchedule))}")
