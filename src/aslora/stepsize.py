@@ -88,10 +88,10 @@ def scheduled_multiplier(schedule: str, round_index: int, rounds: int, final_sca
     """optim.lr_schedule: round `round_index`'s lr as a multiple of optim.lr. 'cosine' falls from 1
     at round 0 to `final_scale` past the last round (SGDR's half cosine, Loshchilov & Hutter 2017).
 
-    Why: at a constant lr DP-SGD settles in a noise ball whose size grows with the lr (the dev
-    accuracy of the constant-lr runs swings by a point or more between evaluations, RESULTS.md);
-    shrinking the lr over the last rounds averages that noise away. A function of the round alone:
-    post-processing, no privacy cost, and a resumed run continues it exactly.
+    Why: at a constant lr DP-SGD settles in a noise ball whose size grows with the lr; shrinking
+    the lr over the last rounds averages that noise away (on SST-2's 30 x 1 regime it gained
+    nothing: the plateau there is not the noise ball, RESULTS.md tenth screen). A function of the
+    round alone: post-processing, no privacy cost, and a resumed run continues it exactly.
     """
     if schedule == "constant":
         return 1.0
