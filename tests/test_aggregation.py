@@ -35,7 +35,7 @@ def _updates(state: GlobalState, method: str, gen: torch.Generator, n: int = 4) 
                 for layer, fs in mask.items()
             },
             head={},
-            loss=0.0,
+           
             examples_seen=0,
         )
         for i in range(n)

@@ -285,7 +285,7 @@ def test_the_server_accepts_a_negative_g_or_k_but_no_other_negative_or_non_finit
     stats: dict[str, float], rejected: bool
 ) -> None:
     update = ClientUpdate(
-        client_id=0, n_examples=1, factors={}, head={}, loss=0.0, examples_seen=1, stats={"l": {"A": stats}}
+        client_id=0, n_examples=1, factors={}, head={}, examples_seen=1, stats={"l": {"A": stats}}
     )
     assert (value_problem(update) is not None) == rejected
 
@@ -328,7 +328,7 @@ def test_ema_from_frozen_moves_only_the_ema_of_the_factor_that_did_not_train() -
         memory={"ema": {"l": {"A": 0.5, "B": 0.5}}},
     )
     update = ClientUpdate(
-        client_id=0, n_examples=10, factors={"l": {"B": torch.zeros(3, 2)}}, head={}, loss=0.0, examples_seen=10,
+        client_id=0, n_examples=10, factors={"l": {"B": torch.zeros(3, 2)}}, head={}, examples_seen=10,
         stats={"l": {"A": {"G": 2.0, "Q": 0.0, "T": 0.0}, "B": {"G": 4.0, "Q": 0.0, "T": 0.0}}},
     )
     emas = {}
@@ -386,7 +386,7 @@ def test_the_secant_score_charges_a_step_on_a_with_the_size_of_b() -> None:
         a, b = torch.full((rank, 3), 0.5), torch.full((4, rank), b_size)
         state = GlobalState(factors={"l": {"A": a, "B": b}}, head={}, scaling={"l": 1.0})
         update = ClientUpdate(
-            client_id=0, n_examples=10, factors={"l": {"B": b}}, head={}, loss=0.0, examples_seen=10, stats={"l": stats}
+            client_id=0, n_examples=10, factors={"l": {"B": b}}, head={}, examples_seen=10, stats={"l": stats}
         )
         memory = method.aggregate(state, [update], [1.0]).memory
         load_b = float(a.square().sum()) * (1.0 + nu * b.numel()) / rank

@@ -162,13 +162,11 @@ def train_client(
         stats = rule.statistics(session.noise_variance)
         control = session.control
         lr_multipliers = [job.lr_multiplier * m for m in control.multipliers] if control is not None else []
-    losses = [loss for loss in step_losses if loss is not None]
     return ClientUpdate(
         client_id=job.client_id,
         n_examples=len(data),
         factors=_trained_factors(view, job.mask),
         head=view.get_head() if settings.train_head else {},
-        loss=sum(losses) / len(losses) if losses else float("nan"),
         examples_seen=seen,
         step_losses=step_losses,
         step_lr_multipliers=lr_multipliers,

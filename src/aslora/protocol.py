@@ -5,6 +5,7 @@ and nothing else, serialised by `pack`, so the bytes it reports are those of wha
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -95,7 +96,6 @@ class ClientUpdate:
     n_examples: int
     factors: Factors
     head: dict[str, torch.Tensor]
-    loss: float
     examples_seen: int
     # Each local step's batch loss, in order (None: an empty Poisson batch): where a round's own
     # steps raise the loss, the local step overshoots (train_loss_by_step in metrics.jsonl).
@@ -111,6 +111,12 @@ class ClientUpdate:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The trained factors and head, named as in `GlobalState.tensors()`."""
         return GlobalState(factors=self.factors, head=self.head, scaling={}).tensors()
+
+    @property
+    def loss(self) -> float:
+        """The round's mean training loss over its non-empty steps (NaN if every batch was empty)."""
+        losses = [loss for loss in self.step_losses if loss is not None]
+        return sum(losses) / len(losses) if losses else math.nan
 
 
 @dataclass

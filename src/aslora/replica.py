@@ -71,7 +71,6 @@ def reply_header(update: ClientUpdate) -> dict[str, Any]:
     return {
         "client_id": update.client_id,
         "n_examples": update.n_examples,
-        "loss": update.loss,
         "examples_seen": update.examples_seen,
         "step_losses": update.step_losses,
         "step_lr_multipliers": update.step_lr_multipliers,
@@ -89,7 +88,6 @@ def update_from_header(header: Mapping[str, Any], trained: GlobalState, stats: d
         n_examples=int(header["n_examples"]),
         factors=trained.factors,
         head=trained.head,
-        loss=float(header["loss"]),
         examples_seen=int(header["examples_seen"]),
         step_losses=[None if loss is None else float(loss) for loss in header["step_losses"]],
         step_lr_multipliers=[float(m) for m in header["step_lr_multipliers"]],
