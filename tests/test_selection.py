@@ -24,6 +24,7 @@ from aslora.selection import (
     official_probability_a,
     official_temperature,
     official_warmup,
+    pinned_layers,
     score,
     update_curvature,
     update_ema,
@@ -313,11 +314,43 @@ def test_the_budget_rule_trains_a_where_it_leads_b_the_most_and_on_exactly_its_s
      ({"a_budget": 0.5, "hysteresis": 0.1}, "hysteresis"), ({"a_budget": 0.0}, "a_budget"),
      ({"ema_from": "frozen", "rule": "official"}, "ema_from"), ({"floor_g": False, "score": "alternate"}, "floor_g"),
      ({"confident_factors": "B"}, "set selection.confidence"), ({"confident_factors": "A"}, "confident_factors"),
-     ({"unsure": "B"}, "set selection.confidence"), ({"unsure": "A", "confidence": 0.5}, "unsure")],
+     ({"unsure": "B"}, "set selection.confidence"), ({"unsure": "A", "confidence": 0.5}, "unsure"),
+     ({"pinned_b": ["value"]}, "score 'alternate'"), ({"pinned_b": ["value"], "score": "random"}, "pinned_b"),
+     ({"pinned_b": ["value("], "score": "alternate"}, "not a regular expression"),
+     ({"pinned_b": "value", "score": "alternate"}, "pinned_b")],
 )
 def test_a_selection_setting_that_would_do_nothing_is_a_config_error(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         SelectionConfig(**overrides)
+
+
+def test_pinned_layers_train_b_every_round_and_the_rest_alternate() -> None:
+    """selection.pinned_b: a fixed per-layer policy over the 'alternate' schedule (the hindsight baseline)."""
+    values = {layer for layer in LAYERS if layer.endswith("value")}
+    settings = DecisionSettings(**{**vars(_settings("alternate")), "pinned_b": pinned_layers(LAYERS, ["value$"])})
+    masks = [decide(r, settings, {}, []) for r in range(4)]
+    for r, mask in enumerate(masks):
+        assert {layer for layer, f in mask.items() if f == "B"} >= values
+        assert {mask[layer] for layer in set(LAYERS) - values} == {"B" if r % 2 == 0 else "A"}
+    plain = [decide(r, _settings("alternate"), {}, []) for r in range(2)]
+    assert set(plain[1].values()) == {"A"}  # without pins: RoLoRA's schedule
+
+
+def test_a_pinned_b_pattern_that_matches_no_layer_is_an_error() -> None:
+    with pytest.raises(ValueError, match="matches none of the adapted layers"):
+        pinned_layers(LAYERS, ["value$", "dense"])
+
+
+def test_aslora_with_pinned_b_plans_the_fixed_policy() -> None:
+    """Through the method: the config's patterns resolve against the state's layers."""
+    state = GlobalState(factors={layer: {} for layer in LAYERS}, head={}, scaling={})
+    context = MethodContext(
+        selection=SelectionConfig(score="alternate", pinned_b=["query"]), eta=1.0, tau=1, nu=0.0, seed=0, rounds=4
+    )
+    mask = get_method("aslora", context).plan(1, state)
+    assert {layer: f for layer, (f,) in mask.items()} == {
+        layer: "B" if layer.endswith("query") else "A" for layer in LAYERS
+    }
 
 
 def test_ema_from_frozen_moves_only_the_ema_of_the_factor_that_did_not_train() -> None:

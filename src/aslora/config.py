@@ -6,6 +6,7 @@ trained on, with a message that names the key and what it accepts.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -315,6 +316,12 @@ class SelectionConfig(_Section):
         description="each client uploads max(G, 0) (ALGORITHM.md 4.1); false: the unbiased G, whose "
         "noise averages out over clients and rounds",
     )
+    pinned_b: Strings = Field(
+        (),
+        description="with score 'alternate': regular expressions over layer names; the layers they match "
+        "train B in every round (FFA-LoRA's schedule) and the rest alternate (RoLoRA's): a fixed per-layer "
+        "policy, e.g. the best one in hindsight",
+    )
     score_clip_share: float | None = Field(
         None, ge=0, lt=1,
         description="the share of the clip budget C^2 given to the inactive factors, whose privatised "
@@ -351,6 +358,17 @@ class SelectionConfig(_Section):
                 f"selection.hysteresis and min_dwell act on the greedy per-unit rule, not under selection.{joint}: "
                 f"leave them at 0 and 1, or set {joint} null"
             )
+        if self.pinned_b and (self.rule != "spec" or self.score != "alternate"):
+            raise ValueError(
+                f"selection.pinned_b fixes a per-layer policy over the 'alternate' schedule; with rule {self.rule!r} "
+                f"and score {self.score!r} it would do nothing: set rule 'spec' and score 'alternate', or leave "
+                "pinned_b empty"
+            )
+        for pattern in self.pinned_b:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"selection.pinned_b pattern {pattern!r} is not a regular expression: {exc}") from None
         if self.a_budget is not None and self.confidence is not None:
             raise ValueError(
                 "selection.a_budget and selection.confidence are two decision rules: set one of them, not both"

@@ -245,6 +245,18 @@ def layer_groups(layers: Sequence[str], granularity: str, patterns: Sequence[str
     return list(keys.values())
 
 
+def pinned_layers(layers: Sequence[str], patterns: Sequence[str]) -> frozenset[str]:
+    """The layers that selection.pinned_b's patterns match (re.search); a pattern that matches no layer
+    is an error, not a policy that silently alternates everywhere."""
+    for pattern in patterns:
+        if not any(re.search(pattern, layer) for layer in layers):
+            raise ValueError(
+                f"selection.pinned_b pattern {pattern!r} matches none of the adapted layers ({', '.join(layers)}); "
+                "fix the pattern or remove it"
+            )
+    return frozenset(layer for layer in layers if any(re.search(p, layer) for p in patterns))
+
+
 def _group_key(layer: str, patterns: Sequence[str]) -> str:
     if list(patterns) == ["block"]:
         found = re.search(r"\.(\d+)(?:\.|$)", layer)
@@ -294,6 +306,7 @@ class DecisionSettings:
     confident_factors: str = "AB"  # selection.confident_factors: which factors a sure lead may choose
     unsure: str = "alternate"  # selection.unsure: a unit's factor where the lead is not sure
     beta: float = 0.9  # the EMA's factor, which sets the standard error of an EMA lead
+    pinned_b: frozenset[str] = frozenset()  # selection.pinned_b, resolved: layers that train B every round
 
 
 def decide(
@@ -315,7 +328,8 @@ def decide(
     if round_index == 0 or round_index < settings.warmup_rounds or settings.score == "always_b":
         return dict.fromkeys(layers, "B")
     if settings.score == "alternate":
-        return dict.fromkeys(layers, "B" if round_index % 2 == 0 else "A")
+        factor = "B" if round_index % 2 == 0 else "A"
+        return {layer: "B" if layer in settings.pinned_b else factor for layer in layers}
     if settings.score == "random":
         rng = np.random.default_rng([settings.seed, round_index])
         coins = rng.integers(0, 2, size=len(settings.groups))

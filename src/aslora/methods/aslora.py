@@ -30,6 +30,7 @@ from aslora.selection import (
     layer_groups,
     mean_statistics,
     official_warmup,
+    pinned_layers,
     score,
     secant_score,
     step_load,
@@ -103,6 +104,7 @@ class ASLoRA(AveragingMethod):
             confident_factors=c.confident_factors,
             unsure=c.unsure,
             beta=c.beta,
+            pinned_b=pinned_layers(list(state.factors), c.pinned_b),
         )
 
     def plan(self, round_index: int, state: GlobalState) -> Mask:
