@@ -35,7 +35,6 @@ def _updates(state: GlobalState, method: str, gen: torch.Generator, n: int = 4) 
                 for layer, fs in mask.items()
             },
             head={},
-           
             examples_seen=0,
         )
         for i in range(n)

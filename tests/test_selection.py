@@ -121,6 +121,7 @@ def _settings(score_kind: str = "curvature", granularity: str = "layer", groups=
         confident_factors=kw.get("confident_factors", "AB"),
         unsure=kw.get("unsure", "alternate"),
         beta=kw.get("beta", 0.9),
+        pinned_b=kw.get("pinned_b", frozenset()),
     )
 
 
@@ -327,7 +328,7 @@ def test_a_selection_setting_that_would_do_nothing_is_a_config_error(overrides: 
 def test_pinned_layers_train_b_every_round_and_the_rest_alternate() -> None:
     """selection.pinned_b: a fixed per-layer policy over the 'alternate' schedule (the hindsight baseline)."""
     values = {layer for layer in LAYERS if layer.endswith("value")}
-    settings = DecisionSettings(**{**vars(_settings("alternate")), "pinned_b": pinned_layers(LAYERS, ["value$"])})
+    settings = _settings("alternate", pinned_b=pinned_layers(LAYERS, ["value$"]))
     masks = [decide(r, settings, {}, []) for r in range(4)]
     for r, mask in enumerate(masks):
         assert {layer for layer, f in mask.items() if f == "B"} >= values

@@ -248,13 +248,16 @@ def layer_groups(layers: Sequence[str], granularity: str, patterns: Sequence[str
 def pinned_layers(layers: Sequence[str], patterns: Sequence[str]) -> frozenset[str]:
     """The layers that selection.pinned_b's patterns match (re.search); a pattern that matches no layer
     is an error, not a policy that silently alternates everywhere."""
+    matched: set[str] = set()
     for pattern in patterns:
-        if not any(re.search(pattern, layer) for layer in layers):
+        hits = {layer for layer in layers if re.search(pattern, layer)}
+        if not hits:
             raise ValueError(
                 f"selection.pinned_b pattern {pattern!r} matches none of the adapted layers ({', '.join(layers)}); "
                 "fix the pattern or remove it"
             )
-    return frozenset(layer for layer in layers if any(re.search(p, layer) for p in patterns))
+        matched |= hits
+    return frozenset(matched)
 
 
 def _group_key(layer: str, patterns: Sequence[str]) -> str:
