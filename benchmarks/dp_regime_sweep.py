@@ -27,6 +27,7 @@ import torch
 from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
+from sound_run import require_sound
 
 from aslora.config import ExperimentConfig, dotted, load_config, parse_config
 from aslora.experiment import run_experiment
@@ -80,6 +81,7 @@ def run(
         config = unset(config, list(overrides.get("unset", [])))
         started = time.perf_counter()
         result = run_experiment(config)
+        require_sound(result.summary, config)
         curve = [r.metrics["accuracy"] for r in result.records if r.metrics and "accuracy" in r.metrics]
         row = {
             "point": name,

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from data_dir import add_data_dir
 from scipy import stats
+from sound_run import require_sound
 
 from aslora.config import ConfigError, ExperimentConfig, load_config
 from aslora.experiment import run_experiment
@@ -181,6 +182,7 @@ def run(
         interrupted = sorted(p.parent for p in folder.glob("*/checkpoint.json") if not (p.parent / "summary.json").exists())
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
+        require_sound(result.summary, config)
         row = row_of(task, eps, variant, seed, result.summary, "accuracy", fingerprint)
         results_file(suite).parent.mkdir(parents=True, exist_ok=True)
         with results_file(suite).open("a") as f:

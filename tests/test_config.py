@@ -54,6 +54,8 @@ def test_unknown_method_lists_the_methods() -> None:
         ({"data": {"partition": "shards"}}, "data.partition"),
         ({"lora": {"r": 0}}, "lora.r"),
         ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"privacy": {"head_clip_share": 1.0}}, "privacy.head_clip_share"),
+        ({"privacy": {"head_clip_share": 0.0}}, "privacy.head_clip_share"),
     ],
 )
 def test_impossible_values_name_their_key(raw: dict, key: str) -> None:
@@ -70,6 +72,14 @@ def test_every_error_is_reported_at_once() -> None:
 def test_more_clients_per_round_than_clients() -> None:
     with pytest.raises(ConfigError, match="clients_per_round=20 exceeds data.num_clients=10"):
         parse_config({"data": {"num_clients": 10}, "federation": {"clients_per_round": 20}})
+
+
+def test_a_head_clip_share_needs_a_trained_head_and_dp() -> None:
+    with pytest.raises(ConfigError, match="head_clip_share.*lora.train_head = false.*remove privacy.head_clip_share"):
+        parse_config({"privacy": {"head_clip_share": 0.25}, "lora": {"train_head": False}})
+    with pytest.raises(ConfigError, match="head_clip_share.*privacy.enabled = false clips nothing"):
+        parse_config({"privacy": {"head_clip_share": 0.25, "enabled": False}})
+    assert parse_config({"privacy": {"head_clip_share": 0.25}}).privacy.head_clip_share == 0.25
 
 
 def test_privacy_needs_a_target() -> None:

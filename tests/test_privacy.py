@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from aslora.adapters import LoraView
 from aslora.cli import app
-from aslora.client import LocalSettings, _logical_step
+from aslora.client import LocalSettings, _logical_step, train_client
 from aslora.config import ExperimentConfig, load_config
 from aslora.privacy import (
     RDP_ORDERS,
@@ -24,7 +24,9 @@ from aslora.privacy import (
     private_training,
     restore_accountant,
     spent_epsilon,
+    with_head_share,
 )
+from aslora.protocol import ClientJob, GlobalState
 from aslora.tasks import load_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,3 +389,36 @@ def test_the_run_stops_when_every_client_has_spent_its_budget(
     assert summary["stopped_early"] == "every client has spent its privacy budget"
     assert "every client has spent its privacy budget; stopping" in caplog.text
     assert summary["epsilon"] <= 0.9 * 3.0 + 1e-9
+
+
+def test_with_head_share_takes_the_head_out_of_every_group() -> None:
+    a, b, w = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    joint = with_head_share(None, [a, b, w], [w], 0.25)
+    assert [([id(p) for p in ps], s) for ps, s in joint] == [([id(a), id(b)], 0.75), ([id(w)], 0.25)]
+    split = with_head_share([([a], 0.2), ([b, w], 0.8)], [a, b, w], [w], 0.5)
+    assert [([id(p) for p in ps], s) for ps, s in split] == [([id(a)], 0.1), ([id(b)], 0.4), ([id(w)], 0.5)]
+    with pytest.raises(ValueError, match="head among the trained parameters"):
+        with_head_share(None, [a, b], [w], 0.5)
+
+
+def test_head_clip_share_bounds_the_heads_step_and_frees_the_adapters(task_and_view) -> None:
+    """privacy.head_clip_share h: each example's head gradient is clipped to C sqrt(h), so one
+    noiseless SGD step moves the head by at most lr C sqrt(h) b / E; the adapters, no longer
+    sharing the clip with the head, move further than under one joint clip."""
+    task, view = task_and_view
+    data = task.encode(task.train)
+    state = GlobalState(
+        factors=view.get_factors(), head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers}
+    )
+    job = ClientJob(0, 0, 7, dict.fromkeys(view.layers, ("B",)))
+    clip, share, lr = 1e-3, 0.25, 1.0
+    moved = {}
+    for h in (None, share):
+        settings = LocalSettings(1, 16, lr, "sgd", DPSettings(True, 0.0, clip), "rdp", True, head_clip_share=h)
+        update = train_client(view, data, state, job, settings, task.loss)
+        head = torch.sqrt(sum(((update.head[k] - state.head[k]) ** 2).sum() for k in state.head))
+        adapters = torch.sqrt(sum(((f["B"] - state.factors[layer]["B"]) ** 2).sum() for layer, f in update.factors.items()))
+        moved[h] = (float(head), float(adapters), update.examples_seen / settings.expected_batch(len(data)))
+    head, adapters, scale = moved[share]
+    assert 0 < head <= lr * clip * share**0.5 * scale * (1 + 1e-4)
+    assert adapters > 1.2 * moved[None][1]

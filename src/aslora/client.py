@@ -20,6 +20,7 @@ from aslora.privacy import (
     private_training,
     sample_rate,
     update_norm_bound,
+    with_head_share,
 )
 from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
 from aslora.selection import floor_g
@@ -41,6 +42,7 @@ class LocalSettings:
     micro_batch_size: int = 0  # 0: the logical batch in one pass
     common_rate: float | None = None  # optim.batch_scaling 'by_size': every client samples at this rate
     score_clip_share: float | None = None  # selection.score_clip_share: the inactive factors' part of C^2
+    head_clip_share: float | None = None  # privacy.head_clip_share: the trained head's part of C^2
     floor_g: bool = True  # selection.floor_g: upload max(G, 0) (ALGORITHM.md 4.1), else the unbiased G
     a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
     step_control: str = "none"  # optim.step_control: 'secant' shortens a local step that would overshoot
@@ -147,6 +149,9 @@ def train_client(
     _load_state(view, state)
     rule = statistics_kind(job.statistics).prepare(view, job.mask, settings.train_head, settings.score_clip_share)
     on_gradient = rule.on_gradient if job.rank is None else _restrict_rank(view, job.rank, rule.on_gradient)
+    clip_groups = rule.clip_groups
+    if settings.head_clip_share is not None:
+        clip_groups = with_head_share(clip_groups, rule.params, list(view.head.values()), settings.head_clip_share)
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
@@ -154,7 +159,7 @@ def train_client(
     with private_training(
         view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr * job.lr_multiplier,
         settings.dp,
-        accountant, generator, on_gradient, rule.clip_groups,
+        accountant, generator, on_gradient, clip_groups,
         lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
         step_control=settings.step_control,
     ) as session:

@@ -391,6 +391,11 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     noise_multiplier: float | None = Field(None, ge=0, description="given directly, else calibrated")
     clip: float = Field(1.0, gt=0)
+    head_clip_share: float | None = Field(
+        None, gt=0, lt=1,
+        description="the share of the clip budget C^2 given to the trained head; the adapters clip to the rest "
+        "(each example's gradient still has norm <= C: same sigma and accountant). null = one joint clip",
+    )
     accountant: Literal["rdp", "prv"] = "rdp"
 
     @model_validator(mode="after")
@@ -399,6 +404,11 @@ class PrivacyConfig(_Section):
             raise ValueError(
                 "privacy needs privacy.epsilon (a budget, to calibrate sigma) or privacy.noise_multiplier; "
                 "set one of them, or privacy.enabled = false"
+            )
+        if self.head_clip_share is not None and not self.enabled:
+            raise ValueError(
+                "privacy.head_clip_share splits DP-SGD's per-example clip; privacy.enabled = false clips nothing: "
+                "remove privacy.head_clip_share"
             )
         return self
 
@@ -477,6 +487,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"model.pooling={self.model.pooling!r} chooses a sentence classifier's embedding; task "
                 f"'{data.task}' has its own head: keep model.pooling='auto' (or use one of {_sentence_tasks()})"
+            )
+        if self.privacy.head_clip_share is not None and not self.lora.train_head:
+            raise ValueError(
+                "privacy.head_clip_share gives the trained head a share of the clip; with lora.train_head = false "
+                "no head trains: remove privacy.head_clip_share, or train the head"
             )
         if self.optim.step_control != "none" and fed.local_steps < 2:
             raise ValueError(

@@ -255,6 +255,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         micro_batch_size=config.optim.micro_batch_size,
         common_rate=common,
         score_clip_share=config.selection.score_clip_share,
+        head_clip_share=config.privacy.head_clip_share,
         floor_g=config.selection.floor_g,
         a_lr_scale=config.optim.a_lr_scale,
         step_control=config.optim.step_control,

@@ -224,6 +224,24 @@ class TrainingSession:
 ClipGroups = Sequence[tuple[Sequence[torch.nn.Parameter], float]]  # (parameters, their share of C^2)
 
 
+def with_head_share(
+    groups: ClipGroups | None, params: Sequence[torch.nn.Parameter], head: Sequence[torch.nn.Parameter], share: float
+) -> ClipGroups:
+    """`groups` (None: every one of `params` in one group) with the trained `head` taken out into a group of its
+    own at `share` of C^2, the others scaled to the remaining 1 - share.
+
+    Why: a zero head's per-example gradient is |p - y| |x|, with |x| 4-6 for MiniLM's mean-pooled
+    embedding, so under one joint clip it fills C^2 and the adapters' gradient is scaled to little.
+    """
+    ids = {id(p) for p in head}
+    trained = [p for p in params if id(p) in ids]
+    if not trained:
+        raise ValueError("privacy.head_clip_share needs the head among the trained parameters (lora.train_head)")
+    base = groups if groups is not None else [(params, 1.0)]
+    rest = [([p for p in ps if id(p) not in ids], part * (1 - share)) for ps, part in base]
+    return [*rest, (trained, share)]
+
+
 class GroupClipDPOptimizer(DPOptimizer):
     """DP-SGD whose per-example clip is split over groups of parameters: group k is clipped to
     C sqrt(share_k), the shares summing to 1.
