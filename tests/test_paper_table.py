@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import paper_table
+from sound_run import require_sound
 
 from aslora.config import ConfigError
 
@@ -111,3 +112,12 @@ def test_cells_run_the_named_seeds_in_the_order_given() -> None:
     assert seeds == [1, 1, 0, 0]
     folders = [folder.name for *_, folder in paper_table.cells("cpu-2step", ["sst2"], [3.0], [1, 0], ["ffa"])]
     assert folders == ["ffa-s1", "ffa-s0"]
+
+
+def test_a_run_with_rejected_updates_records_no_row(tiny_config) -> None:
+    """A run whose server rejected updates (a client that raised) must not stand in a table at its
+    start's accuracy; simulated faults (federation.dropout) are the exception."""
+    with pytest.raises(SystemExit, match="rejected 12 client updates.*no row is recorded"):
+        require_sound({"rejected_updates": 12}, tiny_config)
+    require_sound({"rejected_updates": 0}, tiny_config)
+    require_sound({"rejected_updates": 3}, tiny_config.with_overrides({"federation.dropout": 0.2}))
