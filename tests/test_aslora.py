@@ -178,6 +178,30 @@ def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> Non
         torch.testing.assert_close(moved[0.25]["head"][name], tensor)
 
 
+def test_head_lr_scale_slows_only_the_head(dp_config: ExperimentConfig) -> None:
+    """optim.head_lr_scale: one plain SGD step moves the head by the scale times what lr 1x moves it,
+    and the factors exactly as before."""
+    task = load_task(dp_config)
+    data = task.encode(task.train)
+    view = LoraView(task.build_model(dp_config))
+    _, state = _random_start(view)
+    job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
+    updates = {}
+    for scale in (1.0, 0.25):
+        settings = LocalSettings(
+            steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(False, 0.0, 1.0), accountant="rdp",
+            train_head=True, head_lr_scale=scale,
+        )
+        updates[scale] = train_client(view, data, state, job, settings, task.loss)
+    for name, start in state.head.items():
+        moved = updates[1.0].head[name] - start
+        assert moved.abs().max() > 0
+        torch.testing.assert_close(updates[0.25].head[name] - start, 0.25 * moved)
+    for layer in view.layers:
+        for f in FACTORS:
+            torch.testing.assert_close(updates[0.25].factors[layer][f], updates[1.0].factors[layer][f])
+
+
 def test_the_score_of_a_uses_a_s_own_lr(dp_config: ExperimentConfig) -> None:
     """With a_lr_scale the predicted decrease of training A is taken at A's step size (4.2 with
     eta_A = lr * a_lr_scale), that of B at lr."""

@@ -45,6 +45,7 @@ class LocalSettings:
     head_clip_share: float | None = None  # privacy.head_clip_share: the trained head's part of C^2
     floor_g: bool = True  # selection.floor_g: upload max(G, 0) (ALGORITHM.md 4.1), else the unbiased G
     a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
+    head_lr_scale: float = 1.0  # optim.head_lr_scale: the trained head steps at lr * head_lr_scale
     step_control: str = "none"  # optim.step_control: 'secant' shortens a local step that would overshoot
 
     def rate(self, n_examples: int) -> float:
@@ -59,7 +60,7 @@ class LocalSettings:
     def norm_bound(self, n_examples: int, dims: int) -> float:
         """How far one round of this training can move `dims` parameters of a client with `n_examples`."""
         return update_norm_bound(
-            self.steps, self.lr * max(1.0, self.a_lr_scale), self.optimizer, self.dp.clip, self.dp.noise_multiplier,
+            self.steps, self.lr * max(1.0, self.a_lr_scale, self.head_lr_scale), self.optimizer, self.dp.clip, self.dp.noise_multiplier,
             self.expected_batch(n_examples), n_examples, dims,
         )
 
@@ -155,12 +156,13 @@ def train_client(
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
-    a_factors = {id(view.parameter(layer, "A")) for layer in view.layers}
+    scales = {id(view.parameter(layer, "A")): settings.a_lr_scale for layer in view.layers}
+    scales |= {id(p): settings.head_lr_scale for p in view.head.values()}
     with private_training(
         view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr * job.lr_multiplier,
         settings.dp,
         accountant, generator, on_gradient, clip_groups,
-        lr_scales=[settings.a_lr_scale if id(p) in a_factors else 1.0 for p in rule.params],
+        lr_scales=[scales.get(id(p), 1.0) for p in rule.params],
         step_control=settings.step_control,
     ) as session:
         step_losses, seen = _local_steps(session, rule.params, loss_fn, settings)

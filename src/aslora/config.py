@@ -205,6 +205,13 @@ class OptimConfig(_Section):
         "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
         "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
     )
+    head_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="the trained head's lr is lr * head_lr_scale (the factors: lr, A times a_lr_scale). A "
+        "zero head on MiniLM's mean-pooled embedding (norm 4-6) is far stiffer than the adapters, so one "
+        "lr for both is set by the head's stability",
+    )
     step_control: StepControl = Field(
         "none",
         description="'secant': each local step after the first is shortened to where the loss along the step "

@@ -258,6 +258,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         head_clip_share=config.privacy.head_clip_share,
         floor_g=config.selection.floor_g,
         a_lr_scale=config.optim.a_lr_scale,
+        head_lr_scale=config.optim.head_lr_scale,
         step_control=config.optim.step_control,
     )
 
