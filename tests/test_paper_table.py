@@ -121,3 +121,13 @@ def test_a_run_with_rejected_updates_records_no_row(tiny_config) -> None:
         require_sound({"rejected_updates": 12}, tiny_config)
     require_sound({"rejected_updates": 0}, tiny_config)
     require_sound({"rejected_updates": 3}, tiny_config.with_overrides({"federation.dropout": 0.2}))
+
+
+def test_without_the_spec_rule_the_pairs_take_the_aslora_variant_that_ran_and_show_the_early_gap(tmp_path: Path) -> None:
+    """QNLI's `cpu` grid ran the secant rule only: the pairs are taken against it, and the early
+    column pairs the first evaluated round (the faster-convergence claim)."""
+    rows = [_row("aslora secant", s, [0.60 + 0.01 * s, 0.70]) for s in range(3)]
+    rows += [_row("ffa", s, [0.57 + 0.01 * s, 0.70 + 0.01 * s]) for s in range(3)]
+    text = "\n".join(paper_table.block("qnli", 3.0, rows, tmp_path, "cpu"))
+    assert "`aslora secant` minus each other variant" in text and "first evaluated round (1)" in text
+    assert "| ffa | -0.0100 | [-0.0348, +0.0148] | 0 of 3 seeds ([0, 1, 2]) | +0.0300 | [+0.0300, +0.0300] |" in text
