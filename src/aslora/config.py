@@ -208,9 +208,9 @@ class OptimConfig(_Section):
     head_lr_scale: float = Field(
         1.0,
         gt=0,
-        description="the trained head's lr is lr * head_lr_scale (the factors: lr, A times a_lr_scale). A "
-        "zero head on MiniLM's mean-pooled embedding (norm 4-6) is far stiffer than the adapters, so one "
-        "lr for both is set by the head's stability",
+        description="the trained head's lr is lr * head_lr_scale (the factors: lr, A times a_lr_scale). The "
+        "head reads the pooled embedding (norm 4-6 for MiniLM's mean) and the adapters act inside the encoder, "
+        "so one lr for both may suit neither",
     )
     step_control: StepControl = Field(
         "none",
