@@ -150,54 +150,46 @@ def test_a_zero_score_share_is_refused_where_the_score_reads_the_inactive_factor
     assert allowed.selection.score_clip_share == 0.0
 
 
-def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> None:
-    """optim.a_lr_scale (LoRA+): one plain SGD step from the same state on the same batch moves A by
-    the scale times what lr 1x moves it, and B and the head exactly as before."""
-    task = load_task(dp_config)
+def _one_plain_step_per_scale(config: ExperimentConfig, scale_key: str) -> tuple[GlobalState, dict]:
+    """One plain SGD step (no DP) from the same random state on the same batch, with LocalSettings'
+    `scale_key` at 1 and at 0.25: the start, and the two updates by scale."""
+    task = load_task(config)
     data = task.encode(task.train)
-    view = LoraView(task.build_model(dp_config))
-    factors, state = _random_start(view)
-    job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
-    moved = {}
-    for scale in (1.0, 0.25):
-        settings = LocalSettings(
-            steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(False, 0.0, 1.0), accountant="rdp",
-            train_head=True, a_lr_scale=scale,
-        )
-        update = train_client(view, data, state, job, settings, task.loss)
-        moved[scale] = {
-            "A": {layer: update.factors[layer]["A"] - factors[layer]["A"] for layer in view.layers},
-            "B": {layer: update.factors[layer]["B"] - factors[layer]["B"] for layer in view.layers},
-            "head": update.head,
-        }
-    for layer in view.layers:
-        assert moved[1.0]["A"][layer].abs().max() > 0
-        torch.testing.assert_close(moved[0.25]["A"][layer], 0.25 * moved[1.0]["A"][layer])
-        torch.testing.assert_close(moved[0.25]["B"][layer], moved[1.0]["B"][layer])
-    for name, tensor in moved[1.0]["head"].items():
-        torch.testing.assert_close(moved[0.25]["head"][name], tensor)
-
-
-def test_head_lr_scale_slows_only_the_head(dp_config: ExperimentConfig) -> None:
-    """optim.head_lr_scale: one plain SGD step moves the head by the scale times what lr 1x moves it,
-    and the factors exactly as before."""
-    task = load_task(dp_config)
-    data = task.encode(task.train)
-    view = LoraView(task.build_model(dp_config))
+    view = LoraView(task.build_model(config))
     _, state = _random_start(view)
     job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
     updates = {}
     for scale in (1.0, 0.25):
         settings = LocalSettings(
             steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(False, 0.0, 1.0), accountant="rdp",
-            train_head=True, head_lr_scale=scale,
+            train_head=True, **{scale_key: scale},
         )
         updates[scale] = train_client(view, data, state, job, settings, task.loss)
+    return state, updates
+
+
+def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> None:
+    """optim.a_lr_scale (LoRA+): one plain SGD step from the same state on the same batch moves A by
+    the scale times what lr 1x moves it, and B and the head exactly as before."""
+    state, updates = _one_plain_step_per_scale(dp_config, "a_lr_scale")
+    for layer, start in state.factors.items():
+        moved = updates[1.0].factors[layer]["A"] - start["A"]
+        assert moved.abs().max() > 0
+        torch.testing.assert_close(updates[0.25].factors[layer]["A"] - start["A"], 0.25 * moved)
+        torch.testing.assert_close(updates[0.25].factors[layer]["B"], updates[1.0].factors[layer]["B"])
+    for name, tensor in updates[1.0].head.items():
+        torch.testing.assert_close(updates[0.25].head[name], tensor)
+
+
+def test_head_lr_scale_slows_only_the_head(dp_config: ExperimentConfig) -> None:
+    """optim.head_lr_scale: one plain SGD step moves the head by the scale times what lr 1x moves it,
+    and the factors exactly as before."""
+    state, updates = _one_plain_step_per_scale(dp_config, "head_lr_scale")
     for name, start in state.head.items():
         moved = updates[1.0].head[name] - start
         assert moved.abs().max() > 0
         torch.testing.assert_close(updates[0.25].head[name] - start, 0.25 * moved)
-    for layer in view.layers:
+    for layer in state.factors:
         for f in FACTORS:
             torch.testing.assert_close(updates[0.25].factors[layer][f], updates[1.0].factors[layer][f])
 
