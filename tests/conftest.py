@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aslora.config import ExperimentConfig, load_config
+from aslora.engines.local import LocalEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +80,12 @@ def as_toml(config: ExperimentConfig) -> str:
 def metric_rows(run: Path) -> list[dict]:
     """The lines of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class StopsInRound2(LocalEngine):
+    """An in-process engine interrupted (as by Ctrl-C) when round 2 starts: what a resume test resumes."""
+
+    def train(self, jobs, done):  # type: ignore[no-untyped-def]
+        if jobs[0].round_index == 2:
+            raise KeyboardInterrupt
+        return super().train(jobs, done)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metric_rows
+from conftest import StopsInRound2, metric_rows
 
 from aslora.config import ConfigError, ExperimentConfig
-from aslora.engines.local import LocalEngine
 from aslora.experiment import run_experiment
 from aslora.stepsize import SecantStepControl, next_round_multiplier, scheduled_multiplier
 
@@ -72,13 +71,6 @@ def test_no_client_report_can_raise_the_next_rounds_lr() -> None:
     assert next_round_multiplier(0.5, []) == 0.5
 
 
-class _StopsInRound2(LocalEngine):
-    def train(self, jobs, done):  # type: ignore[no-untyped-def]
-        if jobs[0].round_index == 2:
-            raise KeyboardInterrupt
-        return super().train(jobs, done)
-
-
 def test_the_decay_starts_each_round_where_the_last_steps_ended_and_survives_a_resume(
     tiny_config: ExperimentConfig, tmp_path: Path
 ) -> None:
@@ -95,7 +87,7 @@ def test_the_decay_starts_each_round_where_the_last_steps_ended_and_survives_a_r
 
     stopped = config.with_overrides({"output_dir": str(tmp_path / "stopped")})
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(stopped, engine=lambda setup: setup.local_engine(_StopsInRound2))
+        run_experiment(stopped, engine=lambda setup: setup.local_engine(StopsInRound2))
     (run,) = (tmp_path / "stopped").iterdir()
     run_experiment(stopped, resume=run)
     resumed = [m for r in metric_rows(run) for m in r["lr_multiplier_by_step"]]
@@ -142,7 +134,7 @@ def test_the_clients_step_at_the_scheduled_lr_and_a_resume_continues_it(
 
     stopped = config.with_overrides({"output_dir": str(tmp_path / "stopped")})
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(stopped, engine=lambda setup: setup.local_engine(_StopsInRound2))
+        run_experiment(stopped, engine=lambda setup: setup.local_engine(StopsInRound2))
     (run,) = (tmp_path / "stopped").iterdir()
     run_experiment(stopped, resume=run)
     assert [r["lr_multiplier"] for r in metric_rows(run)] == pytest.approx(expected)

@@ -73,7 +73,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
         "state": _split(
             {"tensors": state.tensors(), "scaling": state.scaling, "memory": state.memory}, "state", tensors
         ),
-        "server": checkpoint.server,
+        "server": _split(checkpoint.server, "server", tensors),  # a server optimiser's moments are tensors
         "initial_metrics": checkpoint.initial_metrics,
         "config": checkpoint.config,
         "wall_s": checkpoint.wall_s,
@@ -114,7 +114,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         state = flat.evolve(scaling=saved["scaling"], memory=saved["memory"])
         clients = {int(c): kept for c, kept in _join(body.get("clients", []), tensors)}
         return Checkpoint(
-            body["rounds_done"], state, body["server"], body["initial_metrics"], body.get("config"),
+            body["rounds_done"], state, _join(body["server"], tensors), body["initial_metrics"], body.get("config"),
             body.get("wall_s", 0.0), body.get("privacy"), clients,
         )
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:

@@ -186,6 +186,19 @@ class FederationConfig(_Section):
     secure_range: float = Field(
         16.0, gt=0, description="SecAgg+ fixed-point range: every value a client sends must lie in [-range, range]"
     )
+    server_optimizer: Literal["none", "momentum", "adam"] = Field(
+        "none",
+        description="how the server steps from the round's aggregate (server_optimizer.py): 'none' takes it as "
+        "the next global state (FedAvg); 'momentum' (FedAvgM) and 'adam' (FedAdam, Reddi et al. 2021) read "
+        "start - aggregate as a gradient and step by torch.optim, moments kept across rounds (post-processing, "
+        "no privacy cost; methods whose server rule is a weighted mean only)",
+    )
+    server_lr: float = Field(1.0, gt=0, description="the server optimiser's lr ('momentum': 1 with momentum 0 is FedAvg)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="'momentum': its coefficient; 'adam': beta1")
+    server_beta2: float = Field(0.99, gt=0, lt=1, description="'adam': the second moment's decay")
+    server_eps: float = Field(
+        1e-3, gt=0, description="'adam': added to the root of the second moment (Reddi et al.'s tau: 1e-3)"
+    )
     round_timeout_s: float = Field(
         900.0, gt=0,
         description="Flower: how long the server waits for a round's replies; a client that has not answered "
@@ -527,6 +540,7 @@ class ExperimentConfig(_Section):
             )
         if fed.secure_aggregation:
             _check_secure(self)
+        _check_server_optimizer(self)
         if fed.clients_per_round > data.num_clients:
             raise ValueError(
                 f"federation.clients_per_round={fed.clients_per_round} exceeds "
@@ -568,6 +582,32 @@ def dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _check_server_optimizer(config: ExperimentConfig) -> None:
+    """A server optimiser needs a weighted-mean server rule; its settings need a server optimiser."""
+    fed = config.federation
+    # Set means away from its default: a config's dump and reload marks every key as given.
+    given = {k for k in ("server_lr", "server_momentum", "server_beta2", "server_eps")
+             if getattr(fed, k) != FederationConfig.model_fields[k].default}
+    if fed.server_optimizer == "none":
+        stray = sorted(given)
+        if stray:
+            raise ValueError(
+                f"federation.{stray[0]} is set but federation.server_optimizer = 'none' uses none of it: set "
+                f"server_optimizer = 'momentum' or 'adam', or remove {', '.join('federation.' + k for k in stray)}"
+            )
+        return
+    adams = sorted({"server_beta2", "server_eps"} & given)
+    if fed.server_optimizer == "momentum" and adams:
+        raise ValueError(f"federation.{adams[0]} is Adam's: remove it, or set server_optimizer = 'adam'")
+    if not _registry()[config.method].linear_server:
+        linear = ", ".join(n for n, m in _registry().items() if m.linear_server)
+        raise ValueError(
+            f"federation.server_optimizer={fed.server_optimizer!r} steps along start - aggregate, which is a "
+            f"gradient only where the server averages the uploads; method '{config.method}' does not: use "
+            f"{linear}, or set server_optimizer = 'none'"
+        )
 
 
 def _check_secure(config: ExperimentConfig) -> None:

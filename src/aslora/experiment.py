@@ -34,6 +34,7 @@ from aslora.privacy import (
 from aslora.protocol import GlobalState
 from aslora.results import RunDirectory
 from aslora.server import Engine, Federation, RoundRecord, ServerSettings
+from aslora.server_optimizer import ServerOptimizer
 from aslora.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -523,6 +524,9 @@ def _federation(setup: Setup, method: Method, runner: Engine, evaluator: Evaluat
         evaluate=evaluator.evaluate,
         train_head=config.lora.train_head,
         probe=evaluator.probe_loss if evaluator.probe_data is not None else None,
+        optimizer=None if fed.server_optimizer == "none" else ServerOptimizer(
+            fed.server_optimizer, setup.initial, fed.server_lr, fed.server_momentum, fed.server_beta2, fed.server_eps
+        ),
     )
 
 

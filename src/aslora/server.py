@@ -23,6 +23,7 @@ from aslora.methods.base import Method, aggregation_error, weighted_mean
 from aslora.methods.statistics import kind as statistics_kind
 from aslora.privacy import restore_accountant, spent_epsilon
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, Mask
+from aslora.server_optimizer import ServerOptimizer
 from aslora.stepsize import next_round_multiplier, scheduled_multiplier
 
 log = logging.getLogger(__name__)
@@ -248,8 +249,10 @@ class Federation:
         evaluate: Callable[[GlobalState], dict[str, float]],
         train_head: bool,
         probe: ProbeLoss | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.method = method
+        self.optimizer = optimizer  # None: the aggregate is the next state (federation.server_optimizer)
         self.engine = engine
         self.state = state
         self.sizes = list(client_sizes)
@@ -277,7 +280,7 @@ class Federation:
             "histories": [[c, [list(h) for h in hist]] for c, hist in self.histories.items()],
             "versions": dict(self._version),
             "lr_multiplier": self.lr_multiplier,
-        }
+        } | ({"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {})
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Resume: the clients restart too, holding the seeded initial state, so the next download
@@ -285,6 +288,8 @@ class Federation:
         self.histories = {int(c): [tuple(h) for h in hist] for c, hist in snapshot["histories"]}
         self._version = dict(snapshot["versions"])
         self.lr_multiplier = float(snapshot.get("lr_multiplier", 1.0))  # absent: a checkpoint from before the decay
+        if self.optimizer is not None:  # a resume keeps the settings it started with (experiment.py)
+            self.optimizer.load_state_dict(snapshot["optimizer"])
         self._seen = {c: dict(self._initial) for c in self._seen}
         self._synced_round = dict.fromkeys(self._seen, -1)
 
@@ -356,7 +361,9 @@ class Federation:
             return self._record(round_index, clients, first.rejected, first.mask, [], times, None, trials)
         new_state, mask = self._outcome(trials)
         aggregated = time.perf_counter()
-        errors = self._aggregation_error(trials, new_state)
+        errors = self._aggregation_error(trials, new_state)  # of the aggregate, before any server step
+        if self.optimizer is not None:
+            new_state = self.optimizer.step(self.state, new_state)
         times = RoundTimes(sum(t.aggregation_s for t in trials), planning_s + checks_s + aggregated - received, clients_s)
         diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
