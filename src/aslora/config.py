@@ -199,6 +199,12 @@ class FederationConfig(_Section):
     server_eps: float = Field(
         1e-3, gt=0, description="'adam': added to the root of the second moment (Reddi et al.'s tau: 1e-3)"
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="the dev split scores, and the run exports, an exponential moving average of the global "
+        "models over rounds with this decay (model_average.py; Polyak averaging, De et al. 2022: each layer's "
+        "s B A averaged, never A and B apart; post-processing, no privacy cost); 0: the last round's model",
+    )
     round_timeout_s: float = Field(
         900.0, gt=0,
         description="Flower: how long the server waits for a round's replies; a client that has not answered "
@@ -541,6 +547,11 @@ class ExperimentConfig(_Section):
         if fed.secure_aggregation:
             _check_secure(self)
         _check_server_optimizer(self)
+        if fed.ema_decay > 0 and method.personalised:
+            raise ValueError(
+                f"federation.ema_decay averages the server's global model, but method '{self.method}' is judged by "
+                "the clients' own models: set ema_decay = 0"
+            )
         if fed.clients_per_round > data.num_clients:
             raise ValueError(
                 f"federation.clients_per_round={fed.clients_per_round} exceeds "

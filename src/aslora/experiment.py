@@ -22,6 +22,7 @@ from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.diagnostics import mean_loss
 from aslora.engines.local import LocalEngine
 from aslora.methods import Method, MethodContext, get_method
+from aslora.model_average import ModelAverage
 from aslora.partition import hold_out, partition, set_apart
 from aslora.privacy import (
     DPSettings,
@@ -436,7 +437,10 @@ def _run_experiment(
     setup.view.set_head(final.head)
     run_dir.export_adapter(setup.view, final.residual)
     wall_s = earlier_s + time.perf_counter() - started
-    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped, method.dev_model)
+    dev_model = method.dev_model + (
+        f", averaged over rounds (federation.ema_decay = {config.federation.ema_decay})" if federation.average else ""
+    )
+    summary = run_dir.summarise(config, records, initial, privacy.segments, wall_s, stopped, dev_model)
     run_dir.plot(records, config)
     return RunResult(run_dir.path, summary, records)
 
@@ -527,6 +531,7 @@ def _federation(setup: Setup, method: Method, runner: Engine, evaluator: Evaluat
         optimizer=None if fed.server_optimizer == "none" else ServerOptimizer(
             fed.server_optimizer, setup.initial, fed.server_lr, fed.server_momentum, fed.server_beta2, fed.server_eps
         ),
+        average=ModelAverage(fed.ema_decay) if fed.ema_decay > 0 else None,
     )
 
 

@@ -63,7 +63,8 @@ class RunDirectory:
             f.write(json.dumps(to_json(record.as_json())) + "\n")
 
     def export_adapter(self, view: LoraView, residual: dict[str, torch.Tensor]) -> Path:
-        """The PEFT adapter; for methods that fold updates into W0, also residual.safetensors.
+        """The PEFT adapter; for methods that fold updates into W0, and for a model averaged over
+        rounds (federation.ema_decay), also residual.safetensors.
 
         The final model of such a method is W0 + residual + adapter: add each
         layer's residual to its base weight before loading the adapter.

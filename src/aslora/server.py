@@ -21,6 +21,7 @@ from aslora.client import LocalSettings
 from aslora.diagnostics import ProbeLoss, realised_decrease
 from aslora.methods.base import Method, aggregation_error, weighted_mean
 from aslora.methods.statistics import kind as statistics_kind
+from aslora.model_average import ModelAverage
 from aslora.privacy import restore_accountant, spent_epsilon
 from aslora.protocol import ClientJob, ClientUpdate, Delivery, GlobalState, Mask
 from aslora.server_optimizer import ServerOptimizer
@@ -250,9 +251,11 @@ class Federation:
         train_head: bool,
         probe: ProbeLoss | None = None,
         optimizer: ServerOptimizer | None = None,
+        average: ModelAverage | None = None,
     ) -> None:
         self.method = method
         self.optimizer = optimizer  # None: the aggregate is the next state (federation.server_optimizer)
+        self.average = average  # None: the dev split scores the last round's model (federation.ema_decay)
         self.engine = engine
         self.state = state
         self.sizes = list(client_sizes)
@@ -280,7 +283,9 @@ class Federation:
             "histories": [[c, [list(h) for h in hist]] for c, hist in self.histories.items()],
             "versions": dict(self._version),
             "lr_multiplier": self.lr_multiplier,
-        } | ({"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {})
+        } | ({"optimizer": self.optimizer.state_dict()} if self.optimizer is not None else {}) | (
+            {"average": self.average.state_dict()} if self.average is not None else {}
+        )
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Resume: the clients restart too, holding the seeded initial state, so the next download
@@ -290,6 +295,8 @@ class Federation:
         self.lr_multiplier = float(snapshot.get("lr_multiplier", 1.0))  # absent: a checkpoint from before the decay
         if self.optimizer is not None:  # a resume keeps the settings it started with (experiment.py)
             self.optimizer.load_state_dict(snapshot["optimizer"])
+        if self.average is not None:
+            self.average.load_state_dict(snapshot["average"])
         self._seen = {c: dict(self._initial) for c in self._seen}
         self._synced_round = dict.fromkeys(self._seen, -1)
 
@@ -368,6 +375,8 @@ class Federation:
         diagnostics = self._diagnostics(new_state)
         self._bump_versions(new_state)
         self.state = new_state
+        if self.average is not None:
+            self.average.update(new_state)
         record = self._record(round_index, clients, first.rejected, mask, first.accepted, times, errors, trials)
         record.diagnostics = diagnostics
         if self.settings.local.step_control == "secant_decay":
@@ -549,8 +558,10 @@ class Federation:
         return round_index == self.settings.rounds - 1 or (round_index + 1) % self.settings.eval_every == 0
 
     def evaluation_state(self) -> GlobalState | None:
-        """The model the dev split scores (`Method.evaluation_view`); None where there is none."""
-        return self.method.evaluation_view(self.state, self._kept())
+        """The model the dev split scores (`Method.evaluation_view`, of the average over rounds where
+        federation.ema_decay asks for one); None where there is none."""
+        state = self.average.view(self.state) if self.average is not None else self.state
+        return self.method.evaluation_view(state, self._kept())
 
     def _kept(self) -> list[dict[str, torch.Tensor]] | None:
         kept = self.engine.kept_by_clients()
