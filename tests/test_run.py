@@ -159,6 +159,29 @@ def test_every_export_reloads_by_peft_to_the_final_models_logits(
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_an_averaged_runs_export_reloads_to_the_model_its_dev_figures_score(tiny_config: ExperimentConfig) -> None:
+    """federation.ema_decay: dev scores the average over rounds, so the export is that average
+    (W0 + residual.safetensors + adapter), not the last round's model."""
+    config = tiny_config.with_overrides({"method": "aslora", "federation.ema_decay": 0.5})
+    result = run_experiment(config)
+    run, summary = result.directory, result.summary
+    base = pooled_classifier(resolve_model("minilm"), "mean", 2)
+    with torch.no_grad():
+        for layer, delta in load_file(str(run / "residual.safetensors")).items():
+            base.get_submodule(layer).weight += delta
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    task = load_task(config)
+    metrics = task.evaluate(model, task.encode(task.eval), 64)
+    assert metrics["eval_loss"] == pytest.approx(summary["final_metrics"]["eval_loss"], rel=1e-5)
+    last = load_checkpoint(run).state  # the last round's model scores otherwise
+    view = LoraView(task.build_model(config))
+    view.set_factors(last.factors)
+    view.set_head(last.head)
+    assert task.evaluate(view.model, task.encode(task.eval), 64)["eval_loss"] != pytest.approx(
+        summary["final_metrics"]["eval_loss"], rel=1e-5
+    )
+
+
 def _assert_adapter_reloads(run: Path, config: ExperimentConfig, summary: dict) -> None:
     """The exported adapter, loaded by PEFT alone, gives the run's final logits (via its metrics)."""
     base = pooled_classifier(resolve_model("minilm"), "mean", 2)  # what model.pooling 'auto' builds for MiniLM
