@@ -18,10 +18,9 @@ from typing import Protocol
 import torch
 
 from aslora.adapters import FACTORS, LoraView
+from aslora.privacy import ClipGroups
 from aslora.protocol import Mask
 from aslora.selection import FactorStats, LastStepTracker, MomentTracker
-
-ClipGroups = list[tuple[list[torch.nn.Parameter], float]]  # parameters, their share of C^2
 
 
 class Tracker(Protocol):
