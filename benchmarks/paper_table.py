@@ -16,6 +16,9 @@ Suites (configs under configs/paper/):
   starting at the lr the last round's steps ended at);
 - `cpu-cosine`: `<task>.toml` with `optim.lr_schedule = "cosine"` (each round's lr set by the server,
   falling from lr towards 0 over the rounds);
+- `cpu-b128`: `<task>.toml`'s examples in four times the steps (expected batch 128, 120 rounds);
+- `cpu-b128-ema`: `cpu-b128` with dev scoring the average of the rounds' models
+  (`federation.ema_decay = 0.9`);
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -63,6 +66,7 @@ SUITES = {
     "cpu-2step-decay": "{task}.toml",
     "cpu-cosine": "{task}.toml",
     "cpu-b128": "{task}.toml",
+    "cpu-b128-ema": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
@@ -74,13 +78,17 @@ SUITES = {
 # cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
 # cpu-b128: cpu's examples in four times the steps, an expected batch of 128 over 120 rounds (the
 # SST-2 sixteenth screen's best point on carved validation, 0.840 against the regime's 0.830).
+# cpu-b128-ema: cpu-b128 with dev scoring the average of the last rounds' models (federation.ema_decay
+# 0.9, about 10 rounds of 120; the seventeenth screen): its single iterates swing on dev.
 TWO_STEPS = {"federation.rounds": 15, "federation.local_steps": 2}
+B128 = {"optim.batch_size": 128, "federation.rounds": 120, "federation.eval_every": 10}
 SUITE_OVERRIDES = {
     "cpu-2step": TWO_STEPS,
     "cpu-2step-control": TWO_STEPS | {"optim.step_control": "secant"},
     "cpu-2step-decay": TWO_STEPS | {"optim.step_control": "secant_decay"},
     "cpu-cosine": {"optim.lr_schedule": "cosine"},
-    "cpu-b128": {"optim.batch_size": 128, "federation.rounds": 120, "federation.eval_every": 10},
+    "cpu-b128": B128,
+    "cpu-b128-ema": B128 | {"federation.ema_decay": 0.9},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.
