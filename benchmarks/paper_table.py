@@ -44,6 +44,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from data_dir import add_data_dir
@@ -102,9 +103,12 @@ def _slug(text: str) -> str:
     return text.replace(" ", "-")
 
 
-def task_config(suite: str, task: str) -> ExperimentConfig:
+def task_config(suite: str, task: str, method: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The config `method` runs in a suite: the task's file, the method's per_method table, then the
+    suite's overrides (after the table, so that a setting one method cannot take, such as averaging
+    the global model for FedSA's personalised models, leaves that method out instead of the file)."""
     config = load_config(REPO / "configs" / "paper" / SUITES[suite].format(task=task))
-    return config.with_overrides(SUITE_OVERRIDES.get(suite, {}))
+    return config.for_method(method, {**SUITE_OVERRIDES.get(suite, {}), **(overrides or {})})
 
 
 def regime(suite: str, task: str, variant: str) -> str:
@@ -112,7 +116,7 @@ def regime(suite: str, task: str, variant: str) -> str:
     less what the grid sets per cell: rows of an edited regime must never be averaged with, or
     skip, the rows of the one before. Methods without a per_method table share the task's. Only
     what differs from the defaults counts, so a new config key leaves the fingerprints as they were."""
-    resolved = task_config(suite, task).for_method(VARIANTS[variant]["method"])
+    resolved = task_config(suite, task, VARIANTS[variant]["method"])
     config = resolved.model_dump(mode="json", exclude_defaults=True)
     for key in ("method", "seed", "output_dir", "name"):
         config.pop(key, None)
@@ -180,8 +184,8 @@ def run(
         if (task, fingerprint, eps, variant, seed) in finished:
             continue
         try:  # every cell's config is checked before the first one trains
-            config = task_config(suite, task).for_method(
-                VARIANTS[variant]["method"],
+            config = task_config(
+                suite, task, VARIANTS[variant]["method"],
                 {**VARIANTS[variant], "privacy.epsilon": eps, "seed": seed, "output_dir": str(folder), "data.dir": data_dir},
             )
         except ConfigError as exc:

@@ -93,7 +93,7 @@ def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
 
 def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None:
     """cpu-2step takes sst2.toml's 30 DP-SGD steps as 15 rounds x 2, and differs from it in nothing else."""
-    one, two = paper_table.task_config("cpu", "sst2"), paper_table.task_config("cpu-2step", "sst2")
+    one, two = paper_table.task_config("cpu", "sst2", "ffa"), paper_table.task_config("cpu-2step", "sst2", "ffa")
     steps = lambda c: c.federation.rounds * c.federation.local_steps
     assert (two.federation.rounds, two.federation.local_steps) == (15, 2) and steps(two) == steps(one) == 30
     assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == one
@@ -101,9 +101,19 @@ def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None
 
 def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
     """cpu-cosine differs from cpu in the schedule alone, and its rows get their own regime fingerprint."""
-    cpu, cosine = paper_table.task_config("cpu", "sst2"), paper_table.task_config("cpu-cosine", "sst2")
+    cpu, cosine = paper_table.task_config("cpu", "sst2", "ffa"), paper_table.task_config("cpu-cosine", "sst2", "ffa")
     assert cosine.optim.lr_schedule == "cosine" and cosine.with_overrides({"optim.lr_schedule": "constant"}) == cpu
     assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
+
+
+def test_the_averaging_suite_averages_every_global_model_and_leaves_fedsa_out() -> None:
+    """cpu-b128-ema is cpu-b128 with dev scoring the average of the rounds' models; FedSA, judged by its
+    clients' own models, cannot take it, and is left out rather than breaking the task's file."""
+    b128, ema = paper_table.task_config("cpu-b128", "sst2", "rolora"), paper_table.task_config("cpu-b128-ema", "sst2", "rolora")
+    assert ema.federation.ema_decay == 0.9 and ema.with_overrides({"federation.ema_decay": 0.0}) == b128
+    assert b128.optim.lr == 4.0 and b128.optim.a_lr_scale == 0.25  # the method's own table still applies
+    with pytest.raises(ConfigError, match="clients' own models"):
+        paper_table.task_config("cpu-b128-ema", "sst2", "fedsa")
 
 
 def test_cells_run_the_named_seeds_in_the_order_given() -> None:
