@@ -10,7 +10,9 @@ validation rises steadily, so the last iterate's accuracy is largely the luck of
 Averaging A and B separately would average the wrong thing (mean(B) mean(A) != mean(BA), the very
 error AS-LoRA removes), so each layer's dense update s B A (plus any folded residual) is averaged,
 and the averaged model is handed out as the current factors plus a residual that makes up the
-difference: W0 + residual + s B A is the average exactly, for every method.
+difference: W0 + residual + s B A is the average exactly, for every method. Where the frozen encoder
+runs in bfloat16 (model.dtype auto), W0 + residual is rounded to it: on a 384 x 384 layer of weights
+of size 0.04, about 7 % of an update of size 1e-3 per element, 2 % of one of 3e-3, unbiased.
 """
 
 from __future__ import annotations
