@@ -110,6 +110,8 @@ def calibrate_noise(
         # any finite list; their epsilons are far below target, so the bound's
         # looseness there cannot change the answer.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        # Probes near sigma 0 overflow numpy on the way to the ZeroDivisionError reported below.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
         try:
             return float(
                 get_noise_multiplier(
@@ -129,6 +131,12 @@ def calibrate_noise(
                 f"epsilon {epsilon} is out of reach at sample rate {sample_rate:g} over {steps} steps "
                 f"(delta {delta:g}): no noise multiplier Opacus searches gets there ({exc}). Raise epsilon, "
                 "or take fewer steps or a lower sample rate"
+            ) from None
+        except (ZeroDivisionError, OverflowError) as exc:  # Opacus's bisection: sigma so small that sigma^2 underflows
+            raise ValueError(
+                f"epsilon {epsilon} at sample rate {sample_rate:g} over {steps} steps (delta {delta:g}) needs almost no "
+                f"noise: Opacus's search for sigma fails near 0 ({type(exc).__name__}). Lower epsilon, or give the "
+                "noise multiplier itself"
             ) from None
 
 
