@@ -612,25 +612,30 @@ def _check_server_optimizer(config: ExperimentConfig) -> None:
     adams = sorted({"server_beta2", "server_eps"} & given)
     if fed.server_optimizer == "momentum" and adams:
         raise ValueError(f"federation.{adams[0]} is Adam's: remove it, or set server_optimizer = 'adam'")
+    _require_linear_server(
+        config,
+        f"federation.server_optimizer={fed.server_optimizer!r} steps along start - aggregate, which is a "
+        f"gradient only where the server averages the uploads; method '{config.method}' does not:",
+        "server_optimizer = 'none'",
+    )
+
+
+def _require_linear_server(config: ExperimentConfig, problem: str, off: str) -> None:
+    """A setting that needs the server rule to be a weighted mean of the uploads (Method.linear_server)."""
     if not _registry()[config.method].linear_server:
         linear = ", ".join(n for n, m in _registry().items() if m.linear_server)
-        raise ValueError(
-            f"federation.server_optimizer={fed.server_optimizer!r} steps along start - aggregate, which is a "
-            f"gradient only where the server averages the uploads; method '{config.method}' does not: use "
-            f"{linear}, or set server_optimizer = 'none'"
-        )
+        raise ValueError(f"{problem} use {linear}, or set {off}")
 
 
 def _check_secure(config: ExperimentConfig) -> None:
     """What SecAgg+ cannot do: non-linear aggregation, singling out late updates, one client."""
     fed = config.federation
-    if not _registry()[config.method].linear_server:
-        linear = ", ".join(n for n, m in _registry().items() if m.linear_server)
-        raise ValueError(
-            f"federation.secure_aggregation: the server only sees the sum of the updates, but method "
-            f"'{config.method}' needs each client's own (its aggregation is not a weighted sum); use "
-            f"{linear}, or set secure_aggregation = false"
-        )
+    _require_linear_server(
+        config,
+        f"federation.secure_aggregation: the server only sees the sum of the updates, but method "
+        f"'{config.method}' needs each client's own (its aggregation is not a weighted sum);",
+        "secure_aggregation = false",
+    )
     if fed.stragglers > 0:
         raise ValueError(
             "federation.stragglers: a late update cannot be taken out of a secure sum once it is in; "
