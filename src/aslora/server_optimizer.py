@@ -31,9 +31,8 @@ class ServerOptimizer:
     def __init__(self, kind: str, initial: GlobalState, lr: float, momentum: float, beta2: float, eps: float) -> None:
         # Sorted names: the optimiser's state_dict numbers parameters in this order, so a resumed
         # run maps its saved moments back onto the same tensors.
-        self.names = sorted(initial.tensors())
         self.params = {n: torch.nn.Parameter(t.detach().clone()) for n, t in sorted(initial.tensors().items())}
-        ordered = [self.params[n] for n in self.names]
+        ordered = list(self.params.values())
         if kind == "momentum":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(ordered, lr=lr, momentum=momentum)
         elif kind == "adam":
@@ -44,19 +43,19 @@ class ServerOptimizer:
     def step(self, start: GlobalState, aggregate: GlobalState) -> GlobalState:
         """The next global state: `start` moved by one optimiser step along start - aggregate."""
         before, after = start.tensors(), aggregate.tensors()
-        if set(after) != set(self.names):
+        if set(after) != set(self.params):
             raise RuntimeError(
-                f"the server optimiser holds {len(self.names)} tensors, the aggregate has {len(after)}: "
+                f"the server optimiser holds {len(self.params)} tensors, the aggregate has {len(after)}: "
                 "a method whose state changes shape cannot take a server optimiser"
             )
-        moved = {}
+        moved = set()
         for name, param in self.params.items():
             with torch.no_grad():
                 param.copy_(before[name])
-            changed = not torch.equal(before[name], after[name])
-            param.grad = (before[name] - after[name]).to(param.dtype) if changed else None
-            if changed:
-                moved[name] = param
+            param.grad = None
+            if not torch.equal(before[name], after[name]):
+                param.grad = (before[name] - after[name]).to(param.dtype)
+                moved.add(name)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stepped = {n: (p.detach().clone().to(after[n].dtype) if n in moved else after[n]) for n, p in self.params.items()}
