@@ -116,9 +116,11 @@ class _SlowNodeGrid(_TwoNodeGrid):
 
     def __init__(self) -> None:
         self.asked: list[list[int]] = []
+        self.timeouts: list[float | None] = []
 
     def send_and_receive(self, messages: list, timeout: float | None = None) -> list:
         self.asked.append([m.metadata.dst_node_id for m in messages])
+        self.timeouts.append(timeout)
         replies = super().send_and_receive(messages, timeout)
         return replies if len(self.asked) > 1 else [r for r in replies if r.metadata.src_node_id != 101]
 
@@ -126,8 +128,9 @@ class _SlowNodeGrid(_TwoNodeGrid):
 def test_a_silent_supernode_is_asked_again_not_dropped(
     tiny_config: ExperimentConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A SuperNode that misses the first query (seen at load 4: its ClientApp took over wait_s to
-    start) is named in a warning and asked again, alone, in the next round that samples a client without one."""
+    """A SuperNode that misses the first query (its ClientApp still starting after the round timeout)
+    is named in a warning and asked again, alone, in the next round that samples a client without one;
+    the query waits as long as a round does."""
     grid = _SlowNodeGrid()
     engine = _engine_on(grid, tiny_config.with_overrides({"data.num_clients": 2}), monkeypatch)
     with caplog.at_level("WARNING"):
@@ -138,3 +141,4 @@ def test_a_silent_supernode_is_asked_again_not_dropped(
     engine._ask_unknown_nodes()  # the next round that samples client 1 asks again
     assert engine._node_of(1) == 101 and engine._node_of(0) == 100
     assert grid.asked == [[100, 101], [101]]
+    assert grid.timeouts == [tiny_config.federation.round_timeout_s] * 2

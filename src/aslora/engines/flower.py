@@ -185,16 +185,18 @@ class FlowerEngine:
         return nodes
 
     def _ask_unknown_nodes(self) -> None:
-        """Ask each connected SuperNode not heard from yet which partition it holds. One that stays
-        silent (a ClientApp still starting on a loaded machine) is asked again in the next round that
-        samples a client without a SuperNode, not dropped for the rest of the run."""
+        """Ask each connected SuperNode not heard from yet which partition it holds, waiting as long
+        as a round waits for its replies (federation.round_timeout_s): a ClientApp's first message
+        starts it, which on a loaded machine took over 120 s. One that stays silent is asked again in
+        the next round that samples a client without a SuperNode, not dropped for the rest of the run."""
         known = set(self._nodes.values())
         unknown = [n for n in self._connected_nodes() if n not in known]
         if not unknown:
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown]
         answered = set()
-        for reply in self.grid.send_and_receive(queries, timeout=self.wait_s):
+        timeout = self.config.federation.round_timeout_s
+        for reply in self.grid.send_and_receive(queries, timeout=timeout):
             answered.add(reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning("SuperNode %d did not say which partition it holds: %s", reply.metadata.src_node_id,
@@ -203,7 +205,7 @@ class FlowerEngine:
                 self._nodes[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
         if silent := sorted(set(unknown) - answered):
             log.warning("SuperNodes %s did not answer within %.0f s; they are asked again in the next round "
-                        "that samples a client without a SuperNode", silent, self.wait_s)
+                        "that samples a client without a SuperNode", silent, timeout)
 
     def train(self, jobs: Sequence[ClientJob], done: Callable[[int], None]) -> list[Delivery]:
         results: dict[int, ClientUpdate | Exception] = {}
