@@ -8,7 +8,9 @@ rounds to a target, the epsilon spent, and AS-LoRA paired against each baseline.
 
 Suites (configs under configs/paper/):
 - `cpu`: `<task>.toml`, the DP regime that learns on 2 CPU cores (benchmarks/RESULTS.md);
-- `cpu-2step`: `<task>.toml` with its 30 DP-SGD steps as 15 rounds x 2 local steps (SST-2 only),
+- `cpu-b512`: SST-2's regime before 2026-12-07: `<task>.toml`'s examples in a quarter of the steps
+  (expected batch 512, 30 rounds of one local step), the last round's model scored (SST-2 only);
+- `cpu-2step`: `cpu-b512` with its 30 DP-SGD steps as 15 rounds x 2 local steps (SST-2 only),
   the regime in which AS-LoRA's secant score can run;
 - `cpu-2step-control`: `cpu-2step` with `optim.step_control = "secant"` (a client's second step
   shortened where its first overshot its loss), for every method alike;
@@ -16,9 +18,8 @@ Suites (configs under configs/paper/):
   starting at the lr the last round's steps ended at);
 - `cpu-cosine`: `<task>.toml` with `optim.lr_schedule = "cosine"` (each round's lr set by the server,
   falling from lr towards 0 over the rounds);
-- `cpu-b128`: `<task>.toml`'s examples in four times the steps (expected batch 128, 120 rounds);
-- `cpu-b128-ema`: `cpu-b128` with dev scoring the average of the rounds' models
-  (`federation.ema_decay = 0.9`);
+- `cpu-b128`: `<task>.toml` with dev scoring each round's own model, not the average over rounds
+  (`federation.ema_decay = 0`);
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -62,34 +63,32 @@ VARIANTS = {m: {"method": m} for m in NAMES} | ABLATIONS
 BASELINES = [m for m in NAMES if m != "aslora"]
 SUITES = {
     "cpu": "{task}.toml",
+    "cpu-b512": "{task}.toml",
     "cpu-2step": "{task}.toml",
     "cpu-2step-control": "{task}.toml",
     "cpu-2step-decay": "{task}.toml",
     "cpu-cosine": "{task}.toml",
     "cpu-b128": "{task}.toml",
-    "cpu-b128-ema": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
 # A suite that is another's config with its DP-SGD steps regrouped or its lr scheduled: derived, so it cannot drift from it.
-# cpu-2step: the 30 steps of one local step per round as 15 rounds x 2, the same sigma and epsilon
-# (AS-LoRA's secant score needs two privatised gradients per round). cpu-2step-control: the same
-# with each client's second step shortened where the first overshot (optim.step_control 'secant');
-# cpu-2step-decay: and each round starting at the lr the last one's steps ended at ('secant_decay').
-# cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
-# cpu-b128: cpu's examples in four times the steps, an expected batch of 128 over 120 rounds (the
-# SST-2 sixteenth screen's best point on carved validation, 0.840 against the regime's 0.830).
-# cpu-b128-ema: cpu-b128 with dev scoring the average of the last rounds' models (federation.ema_decay
-# 0.9, about 10 rounds of 120; the seventeenth screen): its single iterates swing on dev.
-TWO_STEPS = {"federation.rounds": 15, "federation.local_steps": 2}
-B128 = {"optim.batch_size": 128, "federation.rounds": 120, "federation.eval_every": 10}
+# cpu-b512: SST-2's regime of the grid rows up to 2026-12-07 (sst2.toml then: expected batch 512, 30 rounds
+# of one step, the last iterate scored); its rows keep their fingerprints. cpu-2step: its 30 steps as 15
+# rounds x 2, the same sigma and epsilon (AS-LoRA's secant score needs two privatised gradients per round).
+# cpu-2step-control: the same with each client's second step shortened where the first overshot
+# (optim.step_control 'secant'); cpu-2step-decay: and each round starting at the lr the last one's steps
+# ended at ('secant_decay'). cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
+# cpu-b128: cpu without the average over rounds (the seventeenth screen's control: its iterates swing on dev).
+B512 = {"optim.batch_size": 512, "federation.rounds": 30, "federation.eval_every": 5, "federation.ema_decay": 0.0}
+TWO_STEPS = B512 | {"federation.rounds": 15, "federation.local_steps": 2}
 SUITE_OVERRIDES = {
+    "cpu-b512": B512,
     "cpu-2step": TWO_STEPS,
     "cpu-2step-control": TWO_STEPS | {"optim.step_control": "secant"},
     "cpu-2step-decay": TWO_STEPS | {"optim.step_control": "secant_decay"},
     "cpu-cosine": {"optim.lr_schedule": "cosine"},
-    "cpu-b128": B128,
-    "cpu-b128-ema": B128 | {"federation.ema_decay": 0.9},
+    "cpu-b128": {"federation.ema_decay": 0.0},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.

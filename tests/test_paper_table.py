@@ -69,7 +69,7 @@ def test_a_regime_fingerprint_changes_with_a_setting_not_with_a_comment_or_a_cel
     assert paper_table.regime("cpu", "sst2", "ffa") == before  # per-cell settings and comments are not the regime
     config.write_text(original.replace("[data]\n", "[data]\nprobe_size = 0\n"))
     assert paper_table.regime("cpu", "sst2", "ffa") == before  # a default spelled out (or a new key) is no change
-    config.write_text(original.replace("batch_size = 512", "batch_size = 256"))
+    config.write_text(original.replace("batch_size = 128", "batch_size = 256"))
     assert paper_table.regime("cpu", "sst2", "ffa") != before
     # A method's own per_method table is its regime alone: the other methods' rows stand.
     config.write_text(original)
@@ -91,12 +91,18 @@ def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
     assert "left out: sst2 'aslora secant'" in capsys.readouterr().out
 
 
-def test_the_two_step_suite_is_the_cpu_config_with_its_steps_regrouped() -> None:
-    """cpu-2step takes sst2.toml's 30 DP-SGD steps as 15 rounds x 2, and differs from it in nothing else."""
-    one, two = paper_table.task_config("cpu", "sst2", "ffa"), paper_table.task_config("cpu-2step", "sst2", "ffa")
-    steps = lambda c: c.federation.rounds * c.federation.local_steps
-    assert (two.federation.rounds, two.federation.local_steps) == (15, 2) and steps(two) == steps(one) == 30
-    assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == one
+def test_the_earlier_regime_and_its_two_step_suite_regroup_the_cpu_config_s_examples() -> None:
+    """cpu-b512 takes sst2.toml's examples in a quarter of the steps (30 of expected batch 512), each
+    iterate scored; cpu-2step takes those 30 steps as 15 rounds x 2 and differs from it in nothing else."""
+    cpu, b512 = paper_table.task_config("cpu", "sst2", "ffa"), paper_table.task_config("cpu-b512", "sst2", "ffa")
+    two = paper_table.task_config("cpu-2step", "sst2", "ffa")
+    examples = lambda c: c.federation.rounds * c.federation.local_steps * c.optim.batch_size
+    assert (b512.federation.rounds, b512.optim.batch_size, b512.federation.ema_decay) == (30, 512, 0.0)
+    assert examples(b512) == examples(cpu) == 120 * 128
+    assert (two.federation.rounds, two.federation.local_steps) == (15, 2) and examples(two) == examples(b512)
+    assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == b512
+    restored = {"optim.batch_size": 128, "federation.rounds": 120, "federation.eval_every": 10, "federation.ema_decay": 0.9}
+    assert b512.with_overrides(restored) == cpu
 
 
 def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
@@ -106,14 +112,15 @@ def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
     assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
 
 
-def test_the_averaging_suite_averages_every_global_model_and_leaves_fedsa_out() -> None:
-    """cpu-b128-ema is cpu-b128 with dev scoring the average of the rounds' models; FedSA, judged by its
-    clients' own models, cannot take it, and is left out rather than breaking the task's file."""
-    b128, ema = paper_table.task_config("cpu-b128", "sst2", "rolora"), paper_table.task_config("cpu-b128-ema", "sst2", "rolora")
-    assert ema.federation.ema_decay == 0.9 and ema.with_overrides({"federation.ema_decay": 0.0}) == b128
-    assert b128.optim.lr == 4.0 and b128.optim.a_lr_scale == 0.25  # the method's own table still applies
+def test_the_cpu_suite_averages_every_global_model_but_fedsa_s() -> None:
+    """SST-2's regime scores the average of the rounds' models; cpu-b128 is the same without it.
+    FedSA, judged by its clients' own models, has no global model to average: its table turns it off."""
+    cpu, b128 = paper_table.task_config("cpu", "sst2", "rolora"), paper_table.task_config("cpu-b128", "sst2", "rolora")
+    assert cpu.federation.ema_decay == 0.9 and cpu.with_overrides({"federation.ema_decay": 0.0}) == b128
+    assert cpu.optim.lr == 4.0 and cpu.optim.a_lr_scale == 0.25  # the method's own table still applies
+    assert paper_table.task_config("cpu", "sst2", "fedsa").federation.ema_decay == 0.0
     with pytest.raises(ConfigError, match="clients' own models"):
-        paper_table.task_config("cpu-b128-ema", "sst2", "fedsa")
+        paper_table.task_config("cpu", "sst2", "fedsa", {"federation.ema_decay": 0.9})
 
 
 def test_cells_run_the_named_seeds_in_the_order_given() -> None:
