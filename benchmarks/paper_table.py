@@ -296,6 +296,12 @@ def _run_times(rows: list[dict]) -> str:
     return f"median run {middle:.0f} s, 10-90 % range {low:.0f}-{high:.0f} s"
 
 
+def _overridden(suite: str) -> str:
+    """What the suite sets over its task files, as the table's header names it."""
+    overrides = SUITE_OVERRIDES.get(suite, {})
+    return " with " + ", ".join(f"`{k} = {v}`" for k, v in overrides.items()) if overrides else ""
+
+
 def table(suite: str) -> Path:
     """`<suite>.md` and its plots, from `<suite>.jsonl` alone."""
     rows = load_rows(suite)
@@ -310,7 +316,7 @@ def table(suite: str) -> Path:
     lines = [
         f"# The paper's comparison, suite `{suite}`",
         "",
-        (f"Configs: configs/paper/{SUITES[suite]}. Rows: {results_file(suite).name} ({len(rows)} runs, "
+        (f"Configs: configs/paper/{SUITES[suite]}{_overridden(suite)}. Rows: {results_file(suite).name} ({len(rows)} runs, "
         f"{sum(r['wall_s'] for r in rows) / 3600:.2f} h of recorded wall time; {_run_times(rows)}). Machine of the last rebuild: "
         f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}."),
         (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."

@@ -103,6 +103,7 @@ def test_the_earlier_regime_and_its_two_step_suite_regroup_the_cpu_config_s_exam
     assert two.with_overrides({"federation.rounds": 30, "federation.local_steps": 1}) == b512
     restored = {"optim.batch_size": 128, "federation.rounds": 120, "federation.eval_every": 10, "federation.ema_decay": 0.9}
     assert b512.with_overrides(restored) == cpu
+    assert "`optim.batch_size = 512`" in paper_table._overridden("cpu-b512") and paper_table._overridden("cpu") == ""
 
 
 def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
