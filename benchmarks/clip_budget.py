@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 from data_dir import add_data_dir
+from dp_signal import grad_samples
 from rich.console import Console
 from rich.table import Table
 
 from aslora.checkpoint import load_checkpoint
 from aslora.config import parse_config
 from aslora.experiment import prepare
-from aslora.privacy import DPSettings, new_accountant, private_training
 
 
 def per_example_gradients(run: Path, examples: int, data_dir: str | None) -> tuple[dict[str, torch.Tensor], float]:
@@ -49,19 +49,16 @@ def per_example_gradients(run: Path, examples: int, data_dir: str | None) -> tup
     view, task = setup.view, setup.task
     view.set_factors(checkpoint.state.factors)
     view.set_head(checkpoint.state.head)
-    params = view.set_trainable(dict.fromkeys(view.layers, ("A", "B")), train_head=True)
+    view.set_trainable(dict.fromkeys(view.layers, ("A", "B")), train_head=True)
     shard = setup.shards[0]
     data = task.encode_train(shard.select(range(min(examples, len(shard)))))
-    dp = DPSettings(True, 0.0, config.privacy.clip)
     groups = {
         "A": [view.parameter(layer, "A") for layer in view.layers],
         "B": [view.parameter(layer, "B") for layer in view.layers],
         "head": list(view.head.values()),
     }
-    with private_training(view.model, params, data, len(data), "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
-        s.module.train()
-        task.loss(s.module, data[:]).backward()
-        return {name: torch.cat([p.grad_sample.flatten(1) for p in ps], dim=1) for name, ps in groups.items()}, dp.clip
+    samples = iter(grad_samples(setup, [p for ps in groups.values() for p in ps], data))
+    return {name: torch.cat([next(samples) for _ in ps], dim=1) for name, ps in groups.items()}, config.privacy.clip
 
 
 def clipped_signal(trained: torch.Tensor, total_norms: torch.Tensor, bound: float) -> float:

@@ -30,6 +30,7 @@ from data_dir import add_data_dir
 from datasets import concatenate_datasets
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import TensorDataset
 
 from aslora.config import load_config
 from aslora.experiment import Setup, prepare
@@ -49,13 +50,18 @@ def per_example_gradients(setup: Setup, factor: str, split: datasets.Dataset) ->
             for layer in view.layers:
                 b = view.parameter(layer, "B")
                 b.copy_(0.01 * torch.randn(b.shape, generator=generator))
-    data = task.encode_train(split)
-    dp = DPSettings(True, 0.0, setup.config.privacy.clip)
-    with private_training(view.model, params, data, len(data), "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
-        s.module.train()
-        task.loss(s.module, data[:]).backward()
-        per_example = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+    per_example = torch.cat(grad_samples(setup, params, task.encode_train(split)), dim=1)
     return per_example, sum(p.numel() for p in params)
+
+
+def grad_samples(setup: Setup, params: list[torch.nn.Parameter], data: TensorDataset) -> list[torch.Tensor]:
+    """Each of `params`' per-example gradients on `data` (flattened), as DP-SGD's clip sees them:
+    Opacus's per-sample gradients of one pass, nothing clipped or noised yet."""
+    dp = DPSettings(True, 0.0, setup.config.privacy.clip)
+    with private_training(setup.view.model, params, data, len(data), "sgd", 0.0, dp, new_accountant("rdp"), torch.Generator()) as s:
+        s.module.train()
+        setup.task.loss(s.module, data[:]).backward()
+        return [p.grad_sample.flatten(1) for p in params]
 
 
 def balanced(split: datasets.Dataset, n: int) -> datasets.Dataset:
@@ -89,7 +95,8 @@ def main() -> None:
     for column in (*columns, *(f"eps {e:g}: sigma, T" for e in epsilons)):
         table.add_column(column, justify="left" if column in ("config", "trained") else "right")
     for path in args.configs.split(","):
-        base = load_config(path).with_overrides({"data.dir": args.data_dir})
+        loaded = load_config(path)
+        base = loaded.for_method(loaded.method).with_overrides({"data.dir": args.data_dir})
         sigmas = [prepare(base.with_overrides({"privacy.epsilon": e})).privacy.noise_multiplier for e in epsilons]
         for factor in ("B", "A"):
             setup = prepare(base)
