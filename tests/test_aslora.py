@@ -14,6 +14,7 @@ from aslora.adapters import FACTORS, LoraView
 from aslora.client import LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
+from aslora.methods.base import MethodContext
 from aslora.privacy import DPSettings
 from aslora.protocol import ClientJob, GlobalState
 from aslora.selection import ScoreSettings, score
@@ -179,6 +180,50 @@ def test_a_lr_scale_slows_only_the_a_factors(dp_config: ExperimentConfig) -> Non
         torch.testing.assert_close(updates[0.25].factors[layer]["B"], updates[1.0].factors[layer]["B"])
     for name, tensor in updates[1.0].head.items():
         torch.testing.assert_close(updates[0.25].head[name], tensor)
+
+
+def test_balanced_a_lr_caps_each_layer_s_a_step_at_its_factor_ratio(dp_config: ExperimentConfig) -> None:
+    """optim.a_lr_rule 'balanced': from a state whose B outgrows A in some layers, one plain SGD step
+    moves each layer's A by min(1, |A| / |B|) of what the fixed rule moves it, and B as before."""
+    task = load_task(dp_config)
+    data = task.encode(task.train)
+    view = LoraView(task.build_model(dp_config))
+    factors, _ = _random_start(view)
+    grown = {
+        layer: {"A": pair["A"], "B": pair["B"] * (0.5 + 4 * i)} for i, (layer, pair) in enumerate(factors.items())
+    }
+    state = GlobalState(factors=grown, head=view.get_head(), scaling={layer: view.scaling(layer) for layer in view.layers})
+    job = ClientJob(0, 0, 7, {layer: FACTORS for layer in view.layers})
+    updates = {
+        rule: train_client(view, data, state, job, LocalSettings(
+            steps=1, batch_size=16, lr=0.5, optimizer="sgd", dp=DPSettings(False, 0.0, 1.0), accountant="rdp",
+            train_head=True, a_lr_rule=rule,
+        ), task.loss)
+        for rule in ("fixed", "balanced")
+    }
+    capped = 0
+    for layer, start in grown.items():
+        ratio = min(1.0, float(start["A"].norm() / start["B"].norm()))
+        capped += ratio < 1
+        moved = updates["fixed"].factors[layer]["A"] - start["A"]
+        torch.testing.assert_close(updates["balanced"].factors[layer]["A"] - start["A"], ratio * moved)
+        torch.testing.assert_close(updates["balanced"].factors[layer]["B"], updates["fixed"].factors[layer]["B"])
+    assert 0 < capped < len(grown)  # some layers capped, some not
+
+
+def test_the_score_of_a_takes_the_balanced_step(dp_config: ExperimentConfig) -> None:
+    """The server scores A at the lr its clients will step at: under 'balanced', |A| / |B| of the next
+    round's global factors times lr, within a_lr_scale; B at lr."""
+    context = MethodContext(
+        selection=dp_config.selection, eta=4.0, tau=1, nu=0.0, seed=0, rounds=1, a_lr_scale=0.25, a_lr_rule="balanced"
+    )
+    a, b = torch.ones(2, 8), torch.ones(8, 2)  # |A| = |B| = 4
+    assert context.eta_of("A", {"A": a, "B": 8 * b}) == pytest.approx(4.0 / 8)
+    assert context.eta_of("A", {"A": a, "B": b}) == pytest.approx(4.0 * 0.25)  # the cap
+    assert context.eta_of("A", {"A": a, "B": 0 * b}) == pytest.approx(4.0 * 0.25)  # B = 0: nothing to balance
+    assert context.eta_of("B", {"A": a, "B": 8 * b}) == 4.0
+    fixed = MethodContext(selection=dp_config.selection, eta=4.0, tau=1, nu=0.0, seed=0, rounds=1, a_lr_scale=0.25)
+    assert fixed.eta_of("A", {"A": a, "B": 8 * b}) == pytest.approx(1.0)
 
 
 def test_head_lr_scale_slows_only_the_head(dp_config: ExperimentConfig) -> None:

@@ -24,6 +24,7 @@ from aslora.privacy import (
 )
 from aslora.protocol import ClientJob, ClientUpdate, GlobalState, Mask
 from aslora.selection import floor_g
+from aslora.stepsize import a_step_scale
 
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
@@ -45,6 +46,7 @@ class LocalSettings:
     head_clip_share: float | None = None  # privacy.head_clip_share: the trained head's part of C^2
     floor_g: bool = True  # selection.floor_g: upload max(G, 0) (ALGORITHM.md 4.1), else the unbiased G
     a_lr_scale: float = 1.0  # optim.a_lr_scale: the A factors step at lr * a_lr_scale
+    a_lr_rule: str = "fixed"  # optim.a_lr_rule: 'balanced' caps each layer's scale at |A| / |B|
     head_lr_scale: float = 1.0  # optim.head_lr_scale: the trained head steps at lr * head_lr_scale
     step_control: str = "none"  # optim.step_control: 'secant' shortens a local step that would overshoot
 
@@ -156,7 +158,12 @@ def train_client(
     torch.manual_seed(job.seed)  # dropout inside the model
     generator = torch.Generator().manual_seed(job.seed)
     accountant = new_accountant(settings.accountant)
-    scales = {id(view.parameter(layer, "A")): settings.a_lr_scale for layer in view.layers}
+    scales = {
+        id(view.parameter(layer, "A")): a_step_scale(
+            settings.a_lr_rule, settings.a_lr_scale, view.parameter(layer, "A"), view.parameter(layer, "B")
+        )
+        for layer in view.layers
+    }
     scales |= {id(p): settings.head_lr_scale for p in view.head.values()}
     with private_training(
         view.model, rule.params, data, settings.rate(len(data)), settings.optimizer, settings.lr * job.lr_multiplier,

@@ -25,6 +25,7 @@ INVALID = "invalid configuration:\n  "
 # The choices of optim.step_control and optim.lr_schedule (stepsize.py acts on them).
 StepControl = Literal["none", "secant", "secant_decay"]
 LrSchedule = Literal["constant", "cosine"]
+ALrRule = Literal["fixed", "balanced"]
 
 
 def _registry() -> dict[str, Any]:
@@ -223,6 +224,14 @@ class OptimConfig(_Section):
         description="the A factors' lr is lr * a_lr_scale (B, the head: lr). LoRA+ (Hayou et al. 2024) "
         "trains A slower than B; under DP a step on A moves the weight by B dA, so once B has grown its "
         "effective size grows with |B|^2, where a step on B moves it by dB A at A's initial scale",
+    )
+    a_lr_rule: ALrRule = Field(
+        "fixed",
+        description="'fixed': A steps at lr * a_lr_scale. 'balanced': each layer's A at lr * min(a_lr_scale, "
+        "|A| / |B|), from the round's global factors: a step on A lands in W as B dA, a step on B as dB A, so "
+        "once B has grown (under DP mostly by accumulated noise) the same lr moves W, and puts noise into it, "
+        "|B| / |A| times further on A; the cap keeps an A step's move in W within a B step's (post-processing "
+        "of the public global state, no privacy cost)",
     )
     head_lr_scale: float = Field(
         1.0,

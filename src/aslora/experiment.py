@@ -164,6 +164,7 @@ def method_context(config: ExperimentConfig, privacy: PrivacyPlan) -> MethodCont
         selection=config.selection,
         eta=config.optim.lr,
         a_lr_scale=config.optim.a_lr_scale,
+        a_lr_rule=config.optim.a_lr_rule,
         tau=config.federation.local_steps,
         nu=noise_std**2 if privacy.enabled else 0.0,
         seed=config.seed,
@@ -260,6 +261,7 @@ def local_settings(config: ExperimentConfig, client_sizes: list[int], dp: DPSett
         head_clip_share=config.privacy.head_clip_share,
         floor_g=config.selection.floor_g,
         a_lr_scale=config.optim.a_lr_scale,
+        a_lr_rule=config.optim.a_lr_rule,
         head_lr_scale=config.optim.head_lr_scale,
         step_control=config.optim.step_control,
     )

@@ -20,7 +20,7 @@ from typing import get_args
 
 import torch
 
-from aslora.config import LrSchedule, StepControl
+from aslora.config import ALrRule, LrSchedule, StepControl
 
 CONTROLS: tuple[str, ...] = get_args(StepControl)
 
@@ -98,3 +98,13 @@ def scheduled_multiplier(schedule: str, round_index: int, rounds: int, final_sca
     if schedule == "cosine":
         return final_scale + (1.0 - final_scale) * (1.0 + math.cos(math.pi * round_index / rounds)) / 2.0
     raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(get_args(LrSchedule))}")
+
+
+def a_step_scale(rule: ALrRule, cap: float, a: torch.Tensor, b: torch.Tensor) -> float:
+    """A layer's A lr as a multiple of lr (optim.a_lr_rule): `cap` (a_lr_scale), or under 'balanced'
+    min(cap, |A|_F / |B|_F), which equalises how far a step on either factor moves W = B A (B dA
+    against dB A); a zero B moves nothing through A, so it keeps the cap."""
+    if rule == "fixed":
+        return cap
+    b_norm = float(b.detach().double().norm())
+    return cap if b_norm == 0 else min(cap, float(a.detach().double().norm()) / b_norm)

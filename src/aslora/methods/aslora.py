@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from aslora.adapters import FACTORS
 from aslora.config import SCORED, ExperimentConfig
 from aslora.methods.base import AveragingMethod, MethodContext
 from aslora.protocol import ClientUpdate, GlobalState, Mask
@@ -64,6 +63,13 @@ class ASLoRA(AveragingMethod):
         # clip the frozen A's per-sample gradient takes half of B's clipped signal on SST-2
         # (benchmarks/clip_budget.py); G unfloored, as the frozen factors are measured through more noise
         "aslora clip-share": {"method": "aslora", "selection.score_clip_share": 0.1, "selection.floor_g": False},
+        # the same, each layer's A step capped at |A| / |B| of lr (optim.a_lr_rule 'balanced'): at epsilon 1
+        # B grows mostly by DP noise (|B| 20-45 against |A| 1.6), and the A rounds then put that much more
+        # noise into W (README "The A step's size")
+        "aslora balanced": {
+            "method": "aslora", "selection.score_clip_share": 0.1, "selection.floor_g": False,
+            "optim.a_lr_rule": "balanced",
+        },
         "aslora secant": SECANT,
         # the same, with an unsure unit on B (FFA-LoRA's schedule) instead of alternating
         "aslora secant b-default": SECANT | {"selection.unsure": "B"},
@@ -145,9 +151,14 @@ class ASLoRA(AveragingMethod):
                 scores = self._secant_scores(new, stats, curvature)
                 memory["curvature"] = curvature
             else:
-                settings = {f: ScoreSettings(c.selection.score, c.eta_of(f), c.tau, c.nu) for f in FACTORS}
                 scores = {
-                    layer: {f: score(values, settings[f], len(updates)) for f, values in factors.items()}
+                    layer: {
+                        f: score(
+                            values, ScoreSettings(c.selection.score, c.eta_of(f, new.factors[layer]), c.tau, c.nu),
+                            len(updates),
+                        )
+                        for f, values in factors.items()
+                    }
                     for layer, factors in stats.items()
                 }
             smoothed = scores
@@ -175,7 +186,8 @@ class ASLoRA(AveragingMethod):
             f = trained[layer]
             load = self._load(state, layer, f, factors[f])
             curvature[layer] = update_curvature(
-                curvature.get(layer), factors[f], self.context.eta_of(f), load, self.context.selection.beta
+                curvature.get(layer), factors[f], self.context.eta_of(f, state.factors[layer]), load,
+                self.context.selection.beta,
             )
         return curvature
 
@@ -186,7 +198,9 @@ class ASLoRA(AveragingMethod):
         c = self.context
         return {
             layer: {
-                f: secant_score(v, c.eta_of(f), c.tau, kappa(curvature.get(layer)), self._load(new, layer, f, v))
+                f: secant_score(
+                    v, c.eta_of(f, new.factors[layer]), c.tau, kappa(curvature.get(layer)), self._load(new, layer, f, v)
+                )
                 for f, v in factors.items()
             }
             for layer, factors in stats.items()

@@ -9,7 +9,7 @@ testable without a model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,6 +17,7 @@ import torch
 
 from aslora.adapters import Factors
 from aslora.protocol import ClientUpdate, GlobalState, Mask
+from aslora.stepsize import a_step_scale
 
 if TYPE_CHECKING:  # the config validates method names from the registry, so it imports the methods
     from aslora.config import ExperimentConfig, SelectionConfig
@@ -36,10 +37,13 @@ class MethodContext:
     rounds: int
     client_ranks: tuple[int, ...] = ()  # heterogeneous LoRA ranks (FLoRA); empty: all r
     a_lr_scale: float = 1.0  # optim.a_lr_scale: A steps at eta * a_lr_scale
+    a_lr_rule: str = "fixed"  # optim.a_lr_rule: 'balanced' caps each layer's A scale at |A| / |B|
 
-    def eta_of(self, factor: str) -> float:
-        """The step size `factor` trains at."""
-        return self.eta * (self.a_lr_scale if factor == "A" else 1.0)
+    def eta_of(self, factor: str, pair: Mapping[str, torch.Tensor]) -> float:
+        """The step size `factor` of a layer whose factors are `pair` trains at (as clients set it)."""
+        if factor != "A":
+            return self.eta
+        return self.eta * a_step_scale(self.a_lr_rule, self.a_lr_scale, pair["A"], pair["B"])
 
 
 class Method(ABC):
