@@ -20,6 +20,9 @@ Suites (configs under configs/paper/):
   falling from lr towards 0 over the rounds);
 - `cpu-b128`: `<task>.toml` with dev scoring each round's own model, not the average over rounds
   (`federation.ema_decay = 0`);
+- `cpu-bysize`: `<task>.toml` with one sampling rate for every client (`optim.batch_scaling =
+  "by_size"`), so that the smallest client no longer sets every client's sigma (SST-2; QNLI and
+  MNLI already sample so);
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -69,6 +72,7 @@ SUITES = {
     "cpu-2step-decay": "{task}.toml",
     "cpu-cosine": "{task}.toml",
     "cpu-b128": "{task}.toml",
+    "cpu-bysize": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
@@ -80,6 +84,8 @@ SUITES = {
 # (optim.step_control 'secant'); cpu-2step-decay: and each round starting at the lr the last one's steps
 # ended at ('secant_decay'). cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
 # cpu-b128: cpu without the average over rounds (the seventeenth screen's control: its iterates swing on dev).
+# cpu-bysize: cpu with every client sampling at one rate q = b m / N (the eighteenth screen,
+# sweep/sst2-sampling.toml): 'fixed' batches let the smallest shard's q set sigma for all.
 B512 = {"optim.batch_size": 512, "federation.rounds": 30, "federation.eval_every": 5, "federation.ema_decay": 0.0}
 TWO_STEPS = B512 | {"federation.rounds": 15, "federation.local_steps": 2}
 SUITE_OVERRIDES = {
@@ -89,6 +95,7 @@ SUITE_OVERRIDES = {
     "cpu-2step-decay": TWO_STEPS | {"optim.step_control": "secant_decay"},
     "cpu-cosine": {"optim.lr_schedule": "cosine"},
     "cpu-b128": {"federation.ema_decay": 0.0},
+    "cpu-bysize": {"optim.batch_scaling": "by_size"},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.

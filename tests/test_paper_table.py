@@ -113,6 +113,15 @@ def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
     assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
 
 
+def test_the_bysize_suite_is_the_cpu_config_with_one_sampling_rate() -> None:
+    """cpu-bysize differs from cpu in how clients sample alone (SST-2's file: 'fixed' batches), keeps
+    each method's own table, and its rows get their own regime fingerprint."""
+    cpu, bysize = (paper_table.task_config(s, "sst2", "aslora") for s in ("cpu", "cpu-bysize"))
+    assert cpu.optim.batch_scaling == "fixed" and bysize.optim.batch_scaling == "by_size"
+    assert bysize.with_overrides({"optim.batch_scaling": "fixed"}) == cpu and bysize.optim.a_lr_scale == 0.25
+    assert paper_table.regime("cpu-bysize", "sst2", "aslora") != paper_table.regime("cpu", "sst2", "aslora")
+
+
 def test_the_cpu_suite_averages_every_global_model_but_fedsa_s() -> None:
     """SST-2's regime scores the average of the rounds' models; cpu-b128 is the same without it.
     FedSA, judged by its clients' own models, has no global model to average: its table turns it off."""
