@@ -8,7 +8,10 @@ rounds to a target, the epsilon spent, and AS-LoRA paired against each baseline.
 
 Suites (configs under configs/paper/):
 - `cpu`: `<task>.toml`, the DP regime that learns on 2 CPU cores (benchmarks/RESULTS.md);
-- `cpu-b512`: SST-2's regime before 2026-12-07: `<task>.toml`'s examples in a quarter of the steps
+- `cpu-fixed`: SST-2's regime before 2026-12-07 evening: `<task>.toml` with every client's expected
+  batch fixed at `optim.batch_size` (`optim.batch_scaling = "fixed"`), so that the smallest
+  client's sampling rate set every client's sigma (SST-2 only);
+- `cpu-b512`: SST-2's regime before 2026-12-07: `cpu-fixed`'s examples in a quarter of the steps
   (expected batch 512, 30 rounds of one local step), the last round's model scored (SST-2 only);
 - `cpu-2step`: `cpu-b512` with its 30 DP-SGD steps as 15 rounds x 2 local steps (SST-2 only),
   the regime in which AS-LoRA's secant score can run;
@@ -18,11 +21,8 @@ Suites (configs under configs/paper/):
   starting at the lr the last round's steps ended at);
 - `cpu-cosine`: `<task>.toml` with `optim.lr_schedule = "cosine"` (each round's lr set by the server,
   falling from lr towards 0 over the rounds);
-- `cpu-b128`: `<task>.toml` with dev scoring each round's own model, not the average over rounds
+- `cpu-b128`: `cpu-fixed` with dev scoring each round's own model, not the average over rounds
   (`federation.ema_decay = 0`);
-- `cpu-bysize`: `<task>.toml` with one sampling rate for every client (`optim.batch_scaling =
-  "by_size"`), so that the smallest client no longer sets every client's sigma (SST-2; QNLI and
-  MNLI already sample so);
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -66,27 +66,29 @@ VARIANTS = {m: {"method": m} for m in NAMES} | ABLATIONS
 BASELINES = [m for m in NAMES if m != "aslora"]
 SUITES = {
     "cpu": "{task}.toml",
+    "cpu-fixed": "{task}.toml",
     "cpu-b512": "{task}.toml",
     "cpu-2step": "{task}.toml",
     "cpu-2step-control": "{task}.toml",
     "cpu-2step-decay": "{task}.toml",
     "cpu-cosine": "{task}.toml",
     "cpu-b128": "{task}.toml",
-    "cpu-bysize": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
 # A suite that is another's config with its DP-SGD steps regrouped or its lr scheduled: derived, so it cannot drift from it.
+# cpu-fixed: the cpu grid's SST-2 rows up to 2026-12-07 evening, every client at an expected batch of 128,
+# so the smallest shard's sampling rate set sigma for all (the eighteenth screen, sweep/sst2-sampling.toml,
+# made 'by_size' sst2.toml's); 'fixed' is the default, so these rows keep their fingerprints.
 # cpu-b512: SST-2's regime of the grid rows up to 2026-12-07 (sst2.toml then: expected batch 512, 30 rounds
 # of one step, the last iterate scored); its rows keep their fingerprints. cpu-2step: its 30 steps as 15
 # rounds x 2, the same sigma and epsilon (AS-LoRA's secant score needs two privatised gradients per round).
 # cpu-2step-control: the same with each client's second step shortened where the first overshot
 # (optim.step_control 'secant'); cpu-2step-decay: and each round starting at the lr the last one's steps
 # ended at ('secant_decay'). cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
-# cpu-b128: cpu without the average over rounds (the seventeenth screen's control: its iterates swing on dev).
-# cpu-bysize: cpu with every client sampling at one rate q = b m / N (the eighteenth screen,
-# sweep/sst2-sampling.toml): 'fixed' batches let the smallest shard's q set sigma for all.
-B512 = {"optim.batch_size": 512, "federation.rounds": 30, "federation.eval_every": 5, "federation.ema_decay": 0.0}
+# cpu-b128: cpu-fixed without the average over rounds (the seventeenth screen's control: its iterates swing on dev).
+FIXED = {"optim.batch_scaling": "fixed"}
+B512 = FIXED | {"optim.batch_size": 512, "federation.rounds": 30, "federation.eval_every": 5, "federation.ema_decay": 0.0}
 TWO_STEPS = B512 | {"federation.rounds": 15, "federation.local_steps": 2}
 SUITE_OVERRIDES = {
     "cpu-b512": B512,
@@ -94,8 +96,8 @@ SUITE_OVERRIDES = {
     "cpu-2step-control": TWO_STEPS | {"optim.step_control": "secant"},
     "cpu-2step-decay": TWO_STEPS | {"optim.step_control": "secant_decay"},
     "cpu-cosine": {"optim.lr_schedule": "cosine"},
-    "cpu-b128": {"federation.ema_decay": 0.0},
-    "cpu-bysize": {"optim.batch_scaling": "by_size"},
+    "cpu-fixed": FIXED,
+    "cpu-b128": FIXED | {"federation.ema_decay": 0.0},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.

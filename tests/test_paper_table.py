@@ -92,9 +92,9 @@ def test_a_variant_the_regime_cannot_run_fails_before_training_or_is_left_out(
 
 
 def test_the_earlier_regime_and_its_two_step_suite_regroup_the_cpu_config_s_examples() -> None:
-    """cpu-b512 takes sst2.toml's examples in a quarter of the steps (30 of expected batch 512), each
+    """cpu-b512 takes cpu-fixed's examples in a quarter of the steps (30 of expected batch 512), each
     iterate scored; cpu-2step takes those 30 steps as 15 rounds x 2 and differs from it in nothing else."""
-    cpu, b512 = paper_table.task_config("cpu", "sst2", "ffa"), paper_table.task_config("cpu-b512", "sst2", "ffa")
+    cpu, b512 = paper_table.task_config("cpu-fixed", "sst2", "ffa"), paper_table.task_config("cpu-b512", "sst2", "ffa")
     two = paper_table.task_config("cpu-2step", "sst2", "ffa")
     examples = lambda c: c.federation.rounds * c.federation.local_steps * c.optim.batch_size
     assert (b512.federation.rounds, b512.optim.batch_size, b512.federation.ema_decay) == (30, 512, 0.0)
@@ -113,19 +113,19 @@ def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
     assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
 
 
-def test_the_bysize_suite_is_the_cpu_config_with_one_sampling_rate() -> None:
-    """cpu-bysize differs from cpu in how clients sample alone (SST-2's file: 'fixed' batches), keeps
+def test_the_fixed_suite_is_the_cpu_config_with_the_smallest_client_setting_sigma() -> None:
+    """SST-2's file samples every client at one rate; cpu-fixed differs from it in that alone, keeps
     each method's own table, and its rows get their own regime fingerprint."""
-    cpu, bysize = (paper_table.task_config(s, "sst2", "aslora") for s in ("cpu", "cpu-bysize"))
-    assert cpu.optim.batch_scaling == "fixed" and bysize.optim.batch_scaling == "by_size"
-    assert bysize.with_overrides({"optim.batch_scaling": "fixed"}) == cpu and bysize.optim.a_lr_scale == 0.25
-    assert paper_table.regime("cpu-bysize", "sst2", "aslora") != paper_table.regime("cpu", "sst2", "aslora")
+    cpu, fixed = (paper_table.task_config(s, "sst2", "aslora") for s in ("cpu", "cpu-fixed"))
+    assert cpu.optim.batch_scaling == "by_size" and fixed.optim.batch_scaling == "fixed"
+    assert fixed.with_overrides({"optim.batch_scaling": "by_size"}) == cpu and fixed.optim.a_lr_scale == 0.25
+    assert paper_table.regime("cpu-fixed", "sst2", "aslora") != paper_table.regime("cpu", "sst2", "aslora")
 
 
 def test_the_cpu_suite_averages_every_global_model_but_fedsa_s() -> None:
-    """SST-2's regime scores the average of the rounds' models; cpu-b128 is the same without it.
+    """SST-2's regime scores the average of the rounds' models; cpu-b128 is cpu-fixed without it.
     FedSA, judged by its clients' own models, has no global model to average: its table turns it off."""
-    cpu, b128 = paper_table.task_config("cpu", "sst2", "rolora"), paper_table.task_config("cpu-b128", "sst2", "rolora")
+    cpu, b128 = paper_table.task_config("cpu-fixed", "sst2", "rolora"), paper_table.task_config("cpu-b128", "sst2", "rolora")
     assert cpu.federation.ema_decay == 0.9 and cpu.with_overrides({"federation.ema_decay": 0.0}) == b128
     assert cpu.optim.lr == 4.0 and cpu.optim.a_lr_scale == 0.25  # the method's own table still applies
     assert paper_table.task_config("cpu", "sst2", "fedsa").federation.ema_decay == 0.0
