@@ -8,7 +8,7 @@ rounds to a target, the epsilon spent, and AS-LoRA paired against each baseline.
 
 Suites (configs under configs/paper/):
 - `cpu`: `<task>.toml`, the DP regime that learns on 2 CPU cores (benchmarks/RESULTS.md);
-- `cpu-fixed`: SST-2's regime before 2026-12-07 evening: `<task>.toml` with every client's expected
+- `cpu-fixed`: SST-2's regime until 2026-12-07 (midday): `<task>.toml` with every client's expected
   batch fixed at `optim.batch_size` (`optim.batch_scaling = "fixed"`), so that the smallest
   client's sampling rate set every client's sigma (SST-2 only);
 - `cpu-b512`: SST-2's regime before 2026-12-07: `cpu-fixed`'s examples in a quarter of the steps
@@ -77,7 +77,7 @@ SUITES = {
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
 # A suite that is another's config with its DP-SGD steps regrouped or its lr scheduled: derived, so it cannot drift from it.
-# cpu-fixed: the cpu grid's SST-2 rows up to 2026-12-07 evening, every client at an expected batch of 128,
+# cpu-fixed: the cpu grid's SST-2 rows until 2026-12-07 (midday), every client at an expected batch of 128,
 # so the smallest shard's sampling rate set sigma for all (the eighteenth screen, sweep/sst2-sampling.toml,
 # made 'by_size' sst2.toml's); 'fixed' is the default, so these rows keep their fingerprints.
 # cpu-b512: SST-2's regime of the grid rows up to 2026-12-07 (sst2.toml then: expected batch 512, 30 rounds
