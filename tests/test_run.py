@@ -332,3 +332,18 @@ def test_a_run_projected_past_an_hour_is_warned_about(
 def test_the_mean_by_step_skips_empty_batches_and_short_histories() -> None:
     assert mean_by_step([[1.0, None, 3.0], [2.0, None], []]) == [1.5, None, 3.0]
     assert mean_by_step([]) == []
+
+
+def test_the_linear_probe_trains_the_head_alone_under_dp(tiny_config: ExperimentConfig) -> None:
+    result = run_experiment(tiny_config.with_overrides({"method": "head", "lora.head_init": "zero"}))
+    state = load_checkpoint(result.directory).state
+    rows = metric_rows(result.directory)
+    assert all(not factors for r in rows for factors in r["mask"].values())  # no layer ever trains a factor
+    assert all(float(f["B"].abs().max()) == 0.0 for f in state.factors.values())  # the encoder is the pretrained one
+    assert all(float(t.abs().max()) > 0 for t in state.head.values())  # the zero head has learned
+    assert 0 < result.summary["epsilon"] <= tiny_config.privacy.epsilon
+
+
+def test_the_linear_probe_needs_a_trained_head() -> None:
+    with pytest.raises(ConfigError, match="method 'head'.*lora.train_head = true"):
+        parse_config({"method": "head", "lora": {"train_head": False}})
