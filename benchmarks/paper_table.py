@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from sound_run import require_sound
 from aslora.config import ConfigError, ExperimentConfig, load_config
 from aslora.experiment import run_experiment
 from aslora.methods import ABLATIONS, NAMES
+from aslora.pretrained import resolve_dtype
 from aslora.report import plot_comparison, rounds_to_reach
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,8 +167,11 @@ def _key(row: dict) -> tuple:
     return row["task"], row.get("regime"), float(row["epsilon"]), row["variant"], int(row["seed"])
 
 
-def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric: str, fingerprint: str) -> dict:
-    """What the table needs from one finished run, as one JSON line."""
+def row_of(
+    task: str, eps: float, variant: str, seed: int, summary: dict, metric: str, fingerprint: str, encoder_dtype: str
+) -> dict:
+    """What the table needs from one finished run, as one JSON line; `encoder_dtype` is what
+    model.dtype resolved to on this machine ('auto': bfloat16 only where the CPU has it natively)."""
     curve = sorted((int(r), m[metric]) for r, m in summary["metric_by_round"].items() if metric in m)
     values = [v for _, v in curve]
     target = TARGETS.get(task)
@@ -177,6 +182,7 @@ def row_of(task: str, eps: float, variant: str, seed: int, summary: dict, metric
         "epsilon_spent": summary["epsilon"], "delta": summary["delta"], "sigma": summary["noise_multiplier"],
         "target": target, "rounds_to_target": reached, "rounds": summary["rounds_completed"],
         "curve": curve, "wall_s": round(summary["wall_time_s"], 1), "machine": machine(),
+        "encoder_dtype": encoder_dtype,
     }
 
 
@@ -207,7 +213,7 @@ def run(
         started = time.perf_counter()
         result = run_experiment(config, resume=interrupted[-1] if interrupted else None)
         require_sound(result.summary, config)
-        row = row_of(task, eps, variant, seed, result.summary, "accuracy", fingerprint)
+        row = row_of(task, eps, variant, seed, result.summary, "accuracy", fingerprint, resolve_dtype(config.model.dtype))
         results_file(suite).parent.mkdir(parents=True, exist_ok=True)
         with results_file(suite).open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -305,6 +311,12 @@ def _run_times(rows: list[dict]) -> str:
     return f"median run {middle:.0f} s, 10-90 % range {low:.0f}-{high:.0f} s"
 
 
+def _dtypes(rows: list[dict]) -> str:
+    """How many rows ran the frozen encoder in each dtype (rows before 2026-12-07: not recorded)."""
+    counts = Counter(r.get("encoder_dtype", "not recorded") for r in rows)
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+
+
 def _overridden(suite: str) -> str:
     """What the suite sets over its task files, as the table's header names it."""
     overrides = SUITE_OVERRIDES.get(suite, {})
@@ -327,7 +339,8 @@ def table(suite: str) -> Path:
         "",
         (f"Configs: configs/paper/{SUITES[suite]}{_overridden(suite)}. Rows: {results_file(suite).name} ({len(rows)} runs, "
         f"{sum(r['wall_s'] for r in rows) / 3600:.2f} h of recorded wall time; {_run_times(rows)}). Machine of the last rebuild: "
-        f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}."),
+        f"{machine()}. Machines of the rows: {', '.join(sorted({r.get('machine', '?') for r in rows}))}; the frozen "
+        f"encoder's dtype in them: {_dtypes(rows)}."),
         (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."
         if stale else "Every row was run with the configs as they stand (regime fingerprints "
         f"{', '.join(f'{t} {h}' for t, h in shown)})."),

@@ -15,19 +15,26 @@ from sound_run import require_sound
 from aslora.config import ConfigError
 
 
-def _row(variant: str, seed: int, curve: list[float]) -> dict:
+def _row(variant: str, seed: int, curve: list[float], dtype: str = "float32") -> dict:
     summary = {
         "metric_by_round": {str(r): {"accuracy": a} for r, a in enumerate(curve)},
         "final_metrics": {"accuracy": curve[-1]},
         "epsilon": 2.99, "delta": 1e-5, "noise_multiplier": 1.2, "rounds_completed": len(curve), "wall_time_s": 60.0,
     }
-    return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy", "abc")
+    return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy", "abc", dtype)
 
 
 def test_a_row_keeps_final_best_and_rounds_to_target() -> None:
     row = _row("aslora", 0, [0.6, 0.8, 0.77])
     assert (row["final"], row["best"], row["rounds_to_target"]) == (0.77, 0.8, 2)
     assert _row("ffa", 0, [0.6, 0.7])["rounds_to_target"] is None
+
+
+def test_the_table_counts_the_encoder_dtype_its_rows_ran_in() -> None:
+    """model.dtype 'auto' resolves by machine: a suite whose rows mix bfloat16 and float32 says so."""
+    rows = [_row("aslora", 0, [0.8], "bfloat16"), _row("ffa", 0, [0.8]), _row("ffa", 1, [0.8])]
+    del rows[2]["encoder_dtype"]  # a row written before the field existed
+    assert paper_table._dtypes(rows) == "bfloat16 1, float32 1, not recorded 1"
 
 
 def test_interval_is_students_t() -> None:
