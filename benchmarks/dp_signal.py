@@ -3,18 +3,17 @@
     python benchmarks/dp_signal.py [--configs configs/paper/sst2.toml,...] [--epsilons 1,3,6]
                                    [--examples 256] [--data-dir ../shared/data]
 
-At the start of training (the state every method starts from): the
-per-example gradients of what round one trains (LoRA B of every adapted layer
-and the head; the same for A with B perturbed), clipped to the config's clip,
-on `--examples` examples of client 0's (its non-IID shard) and on as many
-drawn from the whole training set with every label equally often (the global
-objective without label skew, which every method must learn past). Their mean's norm
-s is the signal one DP-SGD step follows; the coherence |mean g_i/|g_i|| says
-how much of the gradients agree. Against the global signal: the noise a step
-adds, sigma C sqrt(d) / b, with sigma calibrated as the run calibrates it for
-each epsilon, and the steps T it takes for the accumulated signal to reach
-the accumulated noise, (sigma C sqrt(d) / (s b))^2, assuming the signal kept
-its direction (an optimistic bound).
+At the start of training (the state every method starts from): the per-example gradients
+of what round one trains (LoRA B of every adapted layer and the head, unless
+lora.train_head is false; the same for A with B perturbed), clipped to the config's
+clip, on `--examples` examples of client 0's (its non-IID shard) and on as many drawn
+from the whole training set with every label equally often (the global objective without
+label skew, which every method must learn past). Their mean's norm s is the signal one
+DP-SGD step follows; the coherence |mean g_i/|g_i|| says how much of the gradients
+agree. Against the global signal: the noise a step adds, sigma C sqrt(d) / b, with sigma
+calibrated as the run calibrates it for each epsilon, and the steps T it takes for the
+accumulated signal to reach the accumulated noise, (sigma C sqrt(d) / (s b))^2, assuming
+the signal kept its direction (an optimistic bound).
 """
 
 from __future__ import annotations
@@ -41,9 +40,10 @@ PAPER = ",".join(str(REPO / "configs" / "paper" / f"{t}.toml") for t in ("sst2",
 
 
 def per_example_gradients(setup: Setup, factor: str, split: datasets.Dataset) -> tuple[torch.Tensor, int]:
-    """Per-example gradients of `factor` (every layer) and the head on `split`, as DP-SGD sees them."""
+    """Per-example gradients of `factor` (every layer) and, where the config trains it, the head on
+    `split`, as DP-SGD sees them."""
     view, task = setup.view, setup.task
-    params = view.set_trainable({layer: (factor,) for layer in view.layers}, train_head=True)
+    params = view.set_trainable({layer: (factor,) for layer in view.layers}, train_head=setup.config.lora.train_head)
     if factor == "A":  # at B = 0 the gradient of A is zero; perturb B as after a round
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -109,7 +109,7 @@ def main() -> None:
             median, coherence, s = signal(overall, clip)
             cells = [f"{sigma:.2f}, {(sigma * clip * math.sqrt(d) / (s * b)) ** 2:,.0f}" for sigma in sigmas]
             table.add_row(
-                Path(path).stem, f"{factor} + head", f"{d:,}", str(b), f"{median:.3f}",
+                Path(path).stem, f"{factor} + head" if base.lora.train_head else f"{factor}, head frozen", f"{d:,}", str(b), f"{median:.3f}",
                 f"{signal(local, clip)[1]:.3f} / {coherence:.3f}", f"{s:.4f}", *cells,
             )
     Console(width=180).print(table)
