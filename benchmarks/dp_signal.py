@@ -43,7 +43,8 @@ def per_example_gradients(setup: Setup, factor: str, split: datasets.Dataset) ->
     """Per-example gradients of `factor` (every layer) and, where the config trains it, the head on
     `split`, as DP-SGD sees them."""
     view, task = setup.view, setup.task
-    params = view.set_trainable({layer: (factor,) for layer in view.layers}, train_head=setup.config.lora.train_head)
+    mask = {layer: (factor,) for layer in view.layers}
+    params = view.set_trainable(mask, train_head=setup.config.lora.train_head)
     if factor == "A":  # at B = 0 the gradient of A is zero; perturb B as after a round
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -108,8 +109,9 @@ def main() -> None:
             clip, b = base.privacy.clip, base.optim.batch_size
             median, coherence, s = signal(overall, clip)
             cells = [f"{sigma:.2f}, {(sigma * clip * math.sqrt(d) / (s * b)) ** 2:,.0f}" for sigma in sigmas]
+            trained = f"{factor} + head" if base.lora.train_head else f"{factor}, head frozen"
             table.add_row(
-                Path(path).stem, f"{factor} + head" if base.lora.train_head else f"{factor}, head frozen", f"{d:,}", str(b), f"{median:.3f}",
+                Path(path).stem, trained, f"{d:,}", str(b), f"{median:.3f}",
                 f"{signal(local, clip)[1]:.3f} / {coherence:.3f}", f"{s:.4f}", *cells,
             )
     Console(width=180).print(table)
