@@ -23,6 +23,8 @@ Suites (configs under configs/paper/):
   falling from lr towards 0 over the rounds);
 - `cpu-b128`: `cpu-fixed` with dev scoring each round's own model, not the average over rounds
   (`federation.ema_decay = 0`);
+- `cpu-f32`: `<task>.toml` with the frozen encoder in float32 on every machine (`model.dtype =
+  "float32"`): `cpu`'s rows take bfloat16 where the CPU has it natively, so this is their control;
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
@@ -75,6 +77,7 @@ SUITES = {
     "cpu-2step-decay": "{task}.toml",
     "cpu-cosine": "{task}.toml",
     "cpu-b128": "{task}.toml",
+    "cpu-f32": "{task}.toml",
     "authors-minilm": "authors-{task}-minilm.toml",
     "authors-roberta-large": "authors-{task}-roberta-large.toml",
 }
@@ -89,6 +92,8 @@ SUITES = {
 # (optim.step_control 'secant'); cpu-2step-decay: and each round starting at the lr the last one's steps
 # ended at ('secant_decay'). cpu-cosine: cpu's rounds with a cosine lr over them (optim.lr_schedule).
 # cpu-b128: cpu-fixed without the average over rounds (the seventeenth screen's control: its iterates swing on dev).
+# cpu-f32: cpu with a float32 encoder wherever it runs ('auto' takes bfloat16 on CPUs that have it), so that
+# cpu's rows run on two kinds of machine can be checked against one numeric precision.
 FIXED = {"optim.batch_scaling": "fixed"}
 B512 = FIXED | {"optim.batch_size": 512, "federation.rounds": 30, "federation.eval_every": 5, "federation.ema_decay": 0.0}
 TWO_STEPS = B512 | {"federation.rounds": 15, "federation.local_steps": 2}
@@ -100,6 +105,7 @@ SUITE_OVERRIDES = {
     "cpu-cosine": {"optim.lr_schedule": "cosine"},
     "cpu-fixed": FIXED,
     "cpu-b128": FIXED | {"federation.ema_decay": 0.0},
+    "cpu-f32": {"model.dtype": "float32"},
 }
 # Rounds to reach this accuracy measure convergence speed (ALGORITHM.md section 6), per task:
 # about two thirds of the way from the majority class to the best final accuracy measured.

@@ -120,6 +120,14 @@ def test_the_cosine_suite_is_the_cpu_config_with_a_scheduled_lr() -> None:
     assert paper_table.regime("cpu-cosine", "sst2", "ffa") != paper_table.regime("cpu", "sst2", "ffa")
 
 
+def test_the_float32_suite_is_the_cpu_config_with_its_encoder_in_float32() -> None:
+    """cpu-f32 pins what `auto` leaves to the machine, and nothing else; its rows get their own fingerprint."""
+    cpu, f32 = paper_table.task_config("cpu", "sst2", "aslora"), paper_table.task_config("cpu-f32", "sst2", "aslora")
+    assert cpu.model.dtype == "auto" and f32.model.dtype == "float32"
+    assert f32.with_overrides({"model.dtype": "auto"}) == cpu and f32.optim.a_lr_scale == 0.25
+    assert paper_table.regime("cpu-f32", "sst2", "aslora") != paper_table.regime("cpu", "sst2", "aslora")
+
+
 def test_the_fixed_suite_is_the_cpu_config_with_the_smallest_client_setting_sigma() -> None:
     """SST-2's file samples every client at one rate; cpu-fixed differs from it in that alone, keeps
     each method's own table, and its rows get their own regime fingerprint."""
