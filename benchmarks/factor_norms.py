@@ -1,0 +1,116 @@
+"""How far each LoRA factor moved, against how far the DP noise alone would have carried it.
+
+    python benchmarks/factor_norms.py RUN_DIR [RUN_DIR ...]
+
+A factor trained in n rounds receives, each round, the weighted mean of the clients' DP-SGD
+noise, lr_f sigma C / b per coordinate and client. Under `optim.batch_scaling = "by_size"` with
+every client in every round, client i's expected batch is b_i = q n_i with q N = b K (b the
+config's batch, K clients) and its weight is n_i / N, so the mean's noise per coordinate is
+lr_f sigma C / (b sqrt(K)) whatever the shard sizes. Independent across rounds, it adds up to a
+random walk of norm lr_f sigma C sqrt(n d) / (b sqrt(K)) over a factor of d entries. Where a
+factor's final norm (the run's last checkpoint) is what that walk and its start give,
+sqrt(|start|^2 + walk^2), the rounds that trained it left no signal measurable in its length.
+B starts at zero; A at PEFT's default, uniform on +-1/sqrt(in) per entry, |A|^2 = r / 3 in
+expectation. Only runs of one local step a round at a constant lr are read (a schedule or a step
+control changes lr_f from step to step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from aslora.checkpoint import load_checkpoint
+from aslora.config import ExperimentConfig, parse_config
+
+
+def noise_walk(lr: float, sigma: float, clip: float, batch: int, clients: int, entries: int, rounds: int) -> float:
+    """The norm the aggregated DP noise alone adds to a factor over `rounds` steps (module docstring)."""
+    return lr * sigma * clip / (batch * math.sqrt(clients)) * math.sqrt(entries * rounds)
+
+
+def readable(config: ExperimentConfig, run: Path) -> None:
+    """Refuse a run whose per-round noise the closed form above does not describe."""
+    problems = [
+        text for bad, text in (
+            (config.optim.batch_scaling != "by_size", "optim.batch_scaling is not 'by_size'"),
+            (config.federation.clients_per_round != config.data.num_clients, "not every client takes part in every round"),
+            (config.federation.local_steps != 1, "federation.local_steps is not 1"),
+            (config.optim.lr_schedule != "constant" or config.optim.step_control != "none", "the lr changes between steps"),
+            (config.optim.a_lr_rule != "fixed", "optim.a_lr_rule sets A's lr per round"),
+            (config.optim.optimizer != "sgd", "the optimizer is not SGD"),
+        ) if bad
+    ]
+    if problems:
+        raise SystemExit(f"{run}: {'; '.join(problems)}: the noise-alone norm is derived for SGD, by_size, all clients, "
+                         "one local step at a constant lr (see this script's docstring)")
+
+
+def trained_rounds(run: Path) -> dict[str, dict[str, int]]:
+    """Per layer, the rounds in which each factor was trained (from metrics.jsonl's masks)."""
+    counts: dict[str, dict[str, int]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        for layer, factors in json.loads(line)["mask"].items():
+            for factor in ("A", "B"):
+                counts.setdefault(layer, {"A": 0, "B": 0})[factor] += factor in factors
+    return counts
+
+
+@dataclass(frozen=True)
+class FactorNorm:
+    layer: str
+    factor: str
+    rounds: int  # the rounds that trained it
+    measured: float  # its norm at the last checkpoint
+    expected: float  # its start and the noise's walk alone
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.expected
+
+
+def factor_norms(run: Path) -> list[FactorNorm]:
+    """Every adapted layer's two factors at the run's last checkpoint, against the noise alone."""
+    checkpoint = load_checkpoint(run)
+    if checkpoint is None or checkpoint.config is None or checkpoint.privacy is None:
+        raise SystemExit(f"{run} holds no checkpoint with its config and privacy plan; pass a run folder (runs/.../<run id>)")
+    config = parse_config(checkpoint.config)
+    readable(config, run)
+    sigma = checkpoint.privacy["segments"][-1][1]
+    rounds = trained_rounds(run)
+    norms = []
+    for layer, factors in checkpoint.state.factors.items():
+        for factor in ("A", "B"):
+            tensor = factors[factor]
+            lr = config.optim.lr * (config.optim.a_lr_scale if factor == "A" else 1.0)
+            walk = noise_walk(lr, sigma, config.privacy.clip, config.optim.batch_size, config.data.num_clients,
+                              tensor.numel(), rounds[layer][factor])
+            start = math.sqrt(config.lora.r / 3) if factor == "A" else 0.0
+            norms.append(FactorNorm(layer, factor, rounds[layer][factor], float(tensor.float().norm()), math.hypot(start, walk)))
+    return norms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/.../<run id>) or folders holding one")
+    args = parser.parse_args()
+    table = Table(title="LoRA factors at the last checkpoint against the DP noise's random walk alone")
+    for column in ("run", "layer", "factor", "rounds trained", "norm", "start + noise alone", "ratio"):
+        table.add_column(column)
+    for given in args.runs:
+        found = sorted(p.parent for p in given.glob("*/checkpoint.json")) or [given]
+        for run in found:
+            for n in factor_norms(run):
+                table.add_row(f"{run.parent.name}/{run.name}", n.layer.split("encoder.layer.")[-1], n.factor, str(n.rounds),
+                              f"{n.measured:.2f}", f"{n.expected:.2f}", f"{n.ratio:.2f}")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
