@@ -1,18 +1,18 @@
 """How far each LoRA factor moved, against how far the DP noise alone would have carried it.
 
-    python benchmarks/factor_norms.py RUN_DIR [RUN_DIR ...]
+    python benchmarks/factor_norms.py RUN_DIR [RUN_DIR ...] [--layers]
 
 A factor trained in n rounds receives, each round, the weighted mean of the clients' DP-SGD
-noise, lr_f sigma C / b per coordinate and client. Under `optim.batch_scaling = "by_size"` with
-every client in every round, client i's expected batch is b_i = q n_i with q N = b K (b the
-config's batch, K clients) and its weight is n_i / N, so the mean's noise per coordinate is
+noise, lr_f sigma C / b_i per coordinate from client i (expected batch b_i). Under
+`optim.batch_scaling = "by_size"` with every client in every round, b_i = q n_i with q N = b K
+(b the config's batch, K clients) and client i's weight is n_i / N, so the mean's noise per coordinate is
 lr_f sigma C / (b sqrt(K)) whatever the shard sizes. Independent across rounds, it adds up to a
 random walk of norm lr_f sigma C sqrt(n d) / (b sqrt(K)) over a factor of d entries. Where a
 factor's final norm (the run's last checkpoint) is what that walk and its start give,
 sqrt(|start|^2 + walk^2), the rounds that trained it left no signal measurable in its length.
 B starts at zero; A at PEFT's default, uniform on +-1/sqrt(in) per entry, |A|^2 = r / 3 in
-expectation. Only runs of one local step a round at a constant lr are read (a schedule or a step
-control changes lr_f from step to step).
+expectation. Only runs of methods that average the factors, one local step a round at a constant lr
+are read (a schedule or a step control changes lr_f from step to step).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from rich.table import Table
 
 from aslora.checkpoint import load_checkpoint
 from aslora.config import ExperimentConfig, parse_config
+
+# The methods whose global factors are the weighted mean of the clients' (the others re-factorise,
+# restart or keep them per client, so the walk above does not describe them).
+AVERAGED = ("aslora", "fedavg", "ffa", "rolora", "head")
 
 
 def noise_walk(lr: float, sigma: float, clip: float, batch: int, clients: int, entries: int, rounds: int) -> float:
@@ -45,6 +49,7 @@ def readable(config: ExperimentConfig, run: Path) -> None:
             (config.optim.lr_schedule != "constant" or config.optim.step_control != "none", "the lr changes between steps"),
             (config.optim.a_lr_rule != "fixed", "optim.a_lr_rule sets A's lr per round"),
             (config.optim.optimizer != "sgd", "the optimizer is not SGD"),
+            (config.method not in AVERAGED, f"{config.method} does not keep the weighted mean of the clients' factors"),
         ) if bad
     ]
     if problems:
@@ -72,7 +77,7 @@ class FactorNorm:
 
     @property
     def ratio(self) -> float:
-        return self.measured / self.expected
+        return self.measured / self.expected if self.expected else math.nan  # never trained, started at 0
 
 
 def factor_norms(run: Path) -> list[FactorNorm]:
@@ -99,17 +104,33 @@ def factor_norms(run: Path) -> list[FactorNorm]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/.../<run id>) or folders holding one")
+    parser.add_argument("--layers", action="store_true", help="a row per layer (default: per factor, over the layers)")
     args = parser.parse_args()
-    table = Table(title="LoRA factors at the last checkpoint against the DP noise's random walk alone")
-    for column in ("run", "layer", "factor", "rounds trained", "norm", "start + noise alone", "ratio"):
+    table = Table(title="LoRA factors at the last checkpoint against their start and the DP noise's random walk alone")
+    for column in ("run", "layer" if args.layers else "layers", "factor", "rounds trained", "norm", "start + noise alone", "ratio"):
         table.add_column(column)
     for given in args.runs:
-        found = sorted(p.parent for p in given.glob("*/checkpoint.json")) or [given]
-        for run in found:
-            for n in factor_norms(run):
-                table.add_row(f"{run.parent.name}/{run.name}", n.layer.split("encoder.layer.")[-1], n.factor, str(n.rounds),
-                              f"{n.measured:.2f}", f"{n.expected:.2f}", f"{n.ratio:.2f}")
-    Console(width=160).print(table)
+        for run in sorted(p.parent for p in given.glob("*/checkpoint.json")) or [given]:
+            norms = factor_norms(run)
+            name = f"{run.parent.name}/{run.name}"
+            for factor in ("A", "B"):
+                mine = [n for n in norms if n.factor == factor]
+                groups = [[n] for n in mine] if args.layers else [mine]
+                for group in groups:
+                    label = group[0].layer.split("encoder.layer.")[-1] if args.layers else str(len(group))
+                    table.add_row(name, label, factor, _span([n.rounds for n in group], "{:d}"),
+                                  _span([n.measured for n in group]), _span([n.expected for n in group]),
+                                  _span([n.ratio for n in group]))
+    Console(width=170).print(table)
+
+
+def _span(values: list, form: str = "{:.2f}") -> str:
+    """min-max over the layers ('-' where the ratio has no meaning: never trained and started at 0)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return form.format(low) if low == high else f"{form.format(low)}-{form.format(high)}"
 
 
 if __name__ == "__main__":
