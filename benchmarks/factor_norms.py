@@ -1,18 +1,16 @@
 """How far each LoRA factor moved, against how far the DP noise alone would have carried it.
 
-    python benchmarks/factor_norms.py RUN_DIR [RUN_DIR ...] [--layers]
+    python benchmarks/factor_norms.py RUN_DIR [RUN_DIR ...] [--layers] [--data-dir ../shared/data]
 
 A factor trained in n rounds receives, each round, the weighted mean of the clients' DP-SGD
-noise, lr_f sigma C / b_i per coordinate from client i (expected batch b_i). Under
-`optim.batch_scaling = "by_size"` with every client in every round, b_i = q n_i with q N = b K
-(b the config's batch, K clients) and client i's weight is n_i / N, so the mean's noise per coordinate is
-lr_f sigma C / (b sqrt(K)) whatever the shard sizes. Independent across rounds, it adds up to a
-random walk of norm lr_f sigma C sqrt(n d) / (b sqrt(K)) over a factor of d entries. Where a
-factor's final norm (the run's last checkpoint) is what that walk and its start give,
-sqrt(|start|^2 + walk^2), the rounds that trained it left no signal measurable in its length.
-B starts at zero; A at PEFT's default, uniform on +-1/sqrt(in) per entry, |A|^2 = r / 3 in
-expectation. Only runs of methods that average the factors, one local step a round at a constant lr
-are read (a schedule or a step control changes lr_f from step to step).
+noise: from client i, lr_f sigma C / b_i per coordinate (b_i its expected Poisson batch), with
+weight w_i (the method's: n_i / N for most, 1 / K for the authors' rule). With every client in
+every round, that is lr_f sigma C sqrt(sum_i w_i^2 / b_i^2) per coordinate and round,
+independent across rounds: a random walk of that times sqrt(n d) over a factor of d entries.
+Where a factor's final norm (the run's last checkpoint) is sqrt(|start|^2 + walk^2), its exact
+start rebuilt from the run's seed, the rounds that trained it left no signal measurable in its
+length. The shards, b_i and w_i are rebuilt from the run's config, as the run built them. Read
+only: methods that average the clients' factors, SGD at a constant lr, one local step a round.
 """
 
 from __future__ import annotations
@@ -23,27 +21,29 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_dir import add_data_dir
 from rich.console import Console
 from rich.table import Table
 
 from aslora.checkpoint import load_checkpoint
 from aslora.config import ExperimentConfig, parse_config
+from aslora.experiment import prepare
 
 # The methods whose global factors are the weighted mean of the clients' (the others re-factorise,
 # restart or keep them per client, so the walk above does not describe them).
 AVERAGED = ("aslora", "fedavg", "ffa", "rolora", "head")
 
 
-def noise_walk(lr: float, sigma: float, clip: float, batch: int, clients: int, entries: int, rounds: int) -> float:
-    """The norm the aggregated DP noise alone adds to a factor over `rounds` steps (module docstring)."""
-    return lr * sigma * clip / (batch * math.sqrt(clients)) * math.sqrt(entries * rounds)
+def noise_per_round(lr: float, sigma: float, clip: float, batches: list[float], weights: list[float]) -> float:
+    """The standard deviation per coordinate of one round's aggregated DP noise (module docstring)."""
+    total = sum(weights)
+    return lr * sigma * clip * math.sqrt(sum((w / total / b) ** 2 for w, b in zip(weights, batches, strict=True)))
 
 
 def readable(config: ExperimentConfig, run: Path) -> None:
     """Refuse a run whose per-round noise the closed form above does not describe."""
     problems = [
         text for bad, text in (
-            (config.optim.batch_scaling != "by_size", "optim.batch_scaling is not 'by_size'"),
             (config.federation.clients_per_round != config.data.num_clients, "not every client takes part in every round"),
             (config.federation.local_steps != 1, "federation.local_steps is not 1"),
             (config.optim.lr_schedule != "constant" or config.optim.step_control != "none", "the lr changes between steps"),
@@ -53,7 +53,7 @@ def readable(config: ExperimentConfig, run: Path) -> None:
         ) if bad
     ]
     if problems:
-        raise SystemExit(f"{run}: {'; '.join(problems)}: the noise-alone norm is derived for SGD, by_size, all clients, "
+        raise SystemExit(f"{run}: {'; '.join(problems)}: the noise-alone norm is derived for SGD, all clients, "
                          "one local step at a constant lr (see this script's docstring)")
 
 
@@ -80,24 +80,27 @@ class FactorNorm:
         return self.measured / self.expected if self.expected else math.nan  # never trained, started at 0
 
 
-def factor_norms(run: Path) -> list[FactorNorm]:
+def factor_norms(run: Path, data_dir: str | None = None) -> list[FactorNorm]:
     """Every adapted layer's two factors at the run's last checkpoint, against the noise alone."""
     checkpoint = load_checkpoint(run)
     if checkpoint is None or checkpoint.config is None or checkpoint.privacy is None:
         raise SystemExit(f"{run} holds no checkpoint with its config and privacy plan; pass a run folder (runs/.../<run id>)")
     config = parse_config(checkpoint.config)
     readable(config, run)
+    setup = prepare(config.with_overrides({"data.dir": data_dir}) if data_dir else config)
+    method = setup.method()
+    batches = [setup.local.expected_batch(n) for n in setup.sizes]
+    weights = [float(method.weight(n)) for n in setup.sizes]
     sigma = checkpoint.privacy["segments"][-1][1]
     rounds = trained_rounds(run)
     norms = []
     for layer, factors in checkpoint.state.factors.items():
         for factor in ("A", "B"):
-            tensor = factors[factor]
+            tensor, start = factors[factor], setup.initial.factors[layer][factor]
             lr = config.optim.lr * (config.optim.a_lr_scale if factor == "A" else 1.0)
-            walk = noise_walk(lr, sigma, config.privacy.clip, config.optim.batch_size, config.data.num_clients,
-                              tensor.numel(), rounds[layer][factor])
-            start = math.sqrt(config.lora.r / 3) if factor == "A" else 0.0
-            norms.append(FactorNorm(layer, factor, rounds[layer][factor], float(tensor.float().norm()), math.hypot(start, walk)))
+            walk = noise_per_round(lr, sigma, config.privacy.clip, batches, weights) * math.sqrt(tensor.numel() * rounds[layer][factor])
+            expected = math.hypot(float(start.float().norm()), walk)
+            norms.append(FactorNorm(layer, factor, rounds[layer][factor], float(tensor.float().norm()), expected))
     return norms
 
 
@@ -105,13 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/.../<run id>) or folders holding one")
     parser.add_argument("--layers", action="store_true", help="a row per layer (default: per factor, over the layers)")
+    add_data_dir(parser)
     args = parser.parse_args()
     table = Table(title="LoRA factors at the last checkpoint against their start and the DP noise's random walk alone")
     for column in ("run", "layer" if args.layers else "layers", "factor", "rounds trained", "norm", "start + noise alone", "ratio"):
         table.add_column(column)
     for given in args.runs:
         for run in sorted(p.parent for p in given.glob("*/checkpoint.json")) or [given]:
-            norms = factor_norms(run)
+            norms = factor_norms(run, args.data_dir)
             name = f"{run.parent.name}/{run.name}"
             for factor in ("A", "B"):
                 mine = [n for n in norms if n.factor == factor]

@@ -14,6 +14,7 @@ from aslora.adapters import FACTORS, LoraView
 from aslora.client import LocalSettings, train_client
 from aslora.config import ConfigError, ExperimentConfig, parse_config
 from aslora.experiment import run_experiment
+from aslora.methods import ABLATIONS, get_method
 from aslora.methods.base import MethodContext
 from aslora.privacy import DPSettings
 from aslora.protocol import ClientJob, GlobalState
@@ -140,6 +141,21 @@ def test_official_rule_runs_under_dp_with_exact_aggregation(dp_config: Experimen
         assert row["agg_error"] < 1e-6
     ffa = run_experiment(dp_config.with_overrides({"method": "ffa", "federation.rounds": 3}))
     assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in metric_rows(ffa.directory)]
+
+
+def test_the_official_rule_averages_uniformly_unless_told_to_weight_by_examples(dp_config: ExperimentConfig) -> None:
+    """The authors' code averages the clients with equal weights; `official_weights = 'examples'` keeps
+    their selection and weights by examples as every other method, so that the two can be told apart."""
+    def weights(overrides: dict) -> list[int]:
+        selection = dp_config.with_overrides({"method": "aslora", **overrides}).selection
+        context = MethodContext(selection=selection, eta=1.0, tau=1, nu=0.0, seed=0, rounds=10)
+        return [get_method("aslora", context).weight(n) for n in (100, 2500)]
+
+    assert weights(ABLATIONS["aslora official"]) == [1, 1]
+    assert weights(ABLATIONS["aslora official-weighted"]) == [100, 2500]
+    assert weights({}) == [100, 2500]  # the spec rule
+    with pytest.raises(ValueError, match="official_weights sets the official rule's averaging"):
+        dp_config.with_overrides({"method": "aslora", "selection.official_weights": "examples"})
 
 
 def test_a_zero_score_share_is_refused_where_the_score_reads_the_inactive_factors(

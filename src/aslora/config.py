@@ -357,6 +357,13 @@ class SelectionConfig(_Section):
         "train B in every round (FFA-LoRA's schedule) and the rest alternate (RoLoRA's): a fixed per-layer "
         "policy, e.g. the best one in hindsight",
     )
+    official_weights: Literal["uniform", "examples"] = Field(
+        "uniform",
+        description="with rule 'official': how the server averages the clients' factors: 'uniform' as the "
+        "authors' code does, or 'examples' (n_i / N, as every other method here): with one sampling rate "
+        "for all clients (optim.batch_scaling 'by_size'), a uniform mean gives the smallest client's noisier "
+        "update the same weight as the rest",
+    )
     score_clip_share: float | None = Field(
         None, ge=0, lt=1,
         description="the share of the clip budget C^2 given to the inactive factors, whose privatised "
@@ -376,6 +383,12 @@ class SelectionConfig(_Section):
                 f"selection.{inert[0]} acts on the scores of the spec rule; with rule {self.rule!r} and score "
                 f"{self.score!r} it would do nothing: set rule 'spec' and score {' or '.join(map(repr, SCORED))}, "
                 f"or leave {inert[0]} at its default"
+            )
+        if self.official_weights != "uniform" and self.rule != "official":
+            raise ValueError(
+                f"selection.official_weights sets the official rule's averaging; with rule {self.rule!r} the "
+                "clients are weighted by their examples already: set rule 'official', or leave official_weights "
+                "at 'uniform'"
             )
         if self.confident_factors != "AB" and self.confidence is None:
             raise ValueError(

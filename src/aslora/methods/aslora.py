@@ -43,6 +43,10 @@ SECANT: dict[str, Any] = {
     "method": "aslora", "selection.score": "secant", "selection.floor_g": False,
     "selection.score_clip_share": 0.1, "selection.confidence": 0.5, "selection.confident_factors": "B",
 }
+# The authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed).
+OFFICIAL: dict[str, Any] = {
+    "method": "aslora", "selection.rule": "official", "selection.granularity": "group", "selection.groups": ["block"],
+}
 
 
 class ASLoRA(AveragingMethod):
@@ -73,11 +77,10 @@ class ASLoRA(AveragingMethod):
         "aslora secant": SECANT,
         # the same, with an unsure unit on B (FFA-LoRA's schedule) instead of alternating
         "aslora secant b-default": SECANT | {"selection.unsure": "B"},
-        # the authors' rule (ALGORITHM.md section 7), scored per block as in their code (q and v summed)
-        "aslora official": {
-            "method": "aslora", "selection.rule": "official", "selection.granularity": "group",
-            "selection.groups": ["block"],
-        },
+        "aslora official": OFFICIAL,
+        # the same rule with the clients weighted by their examples, as every other method: its selection
+        # apart from the authors' uniform average
+        "aslora official-weighted": OFFICIAL | {"selection.official_weights": "examples"},
     }
 
     @classmethod
@@ -207,7 +210,8 @@ class ASLoRA(AveragingMethod):
         }
 
     def weight(self, n_examples: int) -> int:
-        return 1 if self.official else n_examples  # the authors average without weights
+        uniform = self.official and self.context.selection.official_weights == "uniform"
+        return 1 if uniform else n_examples  # the authors average without weights
 
     def describe(self, state: GlobalState) -> dict[str, Any]:
         """The round's mean statistics, raw scores and EMA scores per layer, for metrics.jsonl."""
