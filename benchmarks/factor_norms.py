@@ -27,7 +27,7 @@ from rich.table import Table
 
 from aslora.checkpoint import load_checkpoint
 from aslora.config import ExperimentConfig, parse_config
-from aslora.experiment import prepare
+from aslora.experiment import method_context, prepare
 
 # The methods whose global factors are the weighted mean of the clients' (the others re-factorise,
 # restart or keep them per client, so the walk above does not describe them).
@@ -87,8 +87,10 @@ def factor_norms(run: Path, data_dir: str | None = None) -> list[FactorNorm]:
         raise SystemExit(f"{run} holds no checkpoint with its config and privacy plan; pass a run folder (runs/.../<run id>)")
     config = parse_config(checkpoint.config)
     readable(config, run)
+    if len(checkpoint.privacy["segments"]) > 1:
+        raise SystemExit(f"{run} changed sigma between rounds (an extended run): the walk above assumes one sigma")
     setup = prepare(config.with_overrides({"data.dir": data_dir}) if data_dir else config)
-    method = setup.method()
+    method, context = setup.method(), method_context(config, setup.privacy)
     batches = [setup.local.expected_batch(n) for n in setup.sizes]
     weights = [float(method.weight(n)) for n in setup.sizes]
     sigma = checkpoint.privacy["segments"][-1][1]
@@ -97,8 +99,7 @@ def factor_norms(run: Path, data_dir: str | None = None) -> list[FactorNorm]:
     for layer, factors in checkpoint.state.factors.items():
         for factor in ("A", "B"):
             tensor, start = factors[factor], setup.initial.factors[layer][factor]
-            lr = config.optim.lr * (config.optim.a_lr_scale if factor == "A" else 1.0)
-            walk = noise_per_round(lr, sigma, config.privacy.clip, batches, weights) * math.sqrt(tensor.numel() * rounds[layer][factor])
+            walk = noise_per_round(context.eta_of(factor, factors), sigma, config.privacy.clip, batches, weights) * math.sqrt(tensor.numel() * rounds[layer][factor])
             expected = math.hypot(float(start.float().norm()), walk)
             norms.append(FactorNorm(layer, factor, rounds[layer][factor], float(tensor.float().norm()), expected))
     return norms
