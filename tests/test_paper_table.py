@@ -173,3 +173,14 @@ def test_without_the_spec_rule_the_pairs_take_the_aslora_variant_that_ran_and_sh
     text = "\n".join(paper_table.block("qnli", 3.0, rows, tmp_path, "cpu"))
     assert "`aslora secant` minus each other variant" in text and "first evaluated round (1)" in text
     assert "| ffa | -0.0100 | [-0.0348, +0.0148] | 0 of 3 seeds ([0, 1, 2]) | +0.0300 | [+0.0300, +0.0300] |" in text
+
+
+@pytest.mark.parametrize("task", ["sst2", "qnli", "mnli"])
+def test_fedavg_head2x_steps_the_head_at_the_one_factor_methods_lr_and_the_factors_at_fedavg_s(task: str) -> None:
+    """The control that separates the head's lr from FedAvg's averaging: only the head's lr moves."""
+    variant = paper_table.VARIANTS["fedavg head2x"]
+    control = paper_table.task_config("cpu", task, "fedavg", variant)
+    fedavg, aslora = (paper_table.task_config("cpu", task, m) for m in ("fedavg", "aslora"))
+    assert control.optim.lr * control.optim.head_lr_scale == aslora.optim.lr * aslora.optim.head_lr_scale
+    assert control.optim.lr == fedavg.optim.lr < aslora.optim.lr
+    assert control.with_overrides({"optim.head_lr_scale": 1.0}) == fedavg
