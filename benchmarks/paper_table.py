@@ -66,7 +66,17 @@ from aslora.report import plot_comparison, rounds_to_reach
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "paper"
-VARIANTS = {m: {"method": m} for m in NAMES} | ABLATIONS
+# Equal step sizes. configs/paper/*.toml step FedAvg's factors at lr 2 (lr 4 collapses A), and its head
+# with them, where the one-factor methods' head and B step at 4 (A at 1). These controls give every trained
+# parameter the same lr in the methods they compare: the head at 4, both factors at 2 (RESULTS.md,
+# 2026-12-07 late night: FedAvg's slow start was its head's lr).
+EQUAL_STEPS = {"optim.lr": 2.0, "optim.a_lr_scale": 1.0, "optim.head_lr_scale": 2.0}
+LR_CONTROLS = {
+    "fedavg head2x": {"method": "fedavg", "optim.head_lr_scale": 2.0},
+    "aslora fedavg-lr": {"method": "aslora"} | EQUAL_STEPS,
+    "ffa fedavg-lr": {"method": "ffa"} | EQUAL_STEPS,
+}
+VARIANTS = {m: {"method": m} for m in NAMES} | ABLATIONS | LR_CONTROLS
 BASELINES = [m for m in NAMES if m != "aslora"]
 SUITES = {
     "cpu": "{task}.toml",

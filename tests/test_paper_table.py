@@ -175,12 +175,18 @@ def test_without_the_spec_rule_the_pairs_take_the_aslora_variant_that_ran_and_sh
     assert "| ffa | -0.0100 | [-0.0348, +0.0148] | 0 of 3 seeds ([0, 1, 2]) | +0.0300 | [+0.0300, +0.0300] |" in text
 
 
+def _step_sizes(config) -> tuple[float, float, float]:
+    """The lr of A, B and the head."""
+    lr = config.optim.lr
+    return lr * config.optim.a_lr_scale, lr, lr * config.optim.head_lr_scale
+
+
 @pytest.mark.parametrize("task", ["sst2", "qnli", "mnli"])
-def test_fedavg_head2x_steps_the_head_at_the_one_factor_methods_lr_and_the_factors_at_fedavg_s(task: str) -> None:
-    """The control that separates the head's lr from FedAvg's averaging: only the head's lr moves."""
-    variant = paper_table.VARIANTS["fedavg head2x"]
-    control = paper_table.task_config("cpu", task, "fedavg", variant)
+def test_the_lr_controls_step_every_parameter_alike_in_each_method_only_the_rule_differs(task: str) -> None:
+    """FedAvg's control moves only its head's lr, to the one-factor methods'; AS-LoRA's and FFA-LoRA's
+    then take the very same lr for A, B and the head."""
+    controls = {v: paper_table.task_config("cpu", task, o["method"], o) for v, o in paper_table.LR_CONTROLS.items()}
     fedavg, aslora = (paper_table.task_config("cpu", task, m) for m in ("fedavg", "aslora"))
-    assert control.optim.lr * control.optim.head_lr_scale == aslora.optim.lr * aslora.optim.head_lr_scale
-    assert control.optim.lr == fedavg.optim.lr < aslora.optim.lr
-    assert control.with_overrides({"optim.head_lr_scale": 1.0}) == fedavg
+    assert controls["fedavg head2x"].with_overrides({"optim.head_lr_scale": 1.0}) == fedavg
+    assert _step_sizes(controls["fedavg head2x"])[2] == _step_sizes(aslora)[2] > _step_sizes(fedavg)[2]
+    assert {_step_sizes(c) for c in controls.values()} == {_step_sizes(controls["fedavg head2x"])}
