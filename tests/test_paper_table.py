@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_table
 from sound_run import require_sound
 
-from aslora.config import ConfigError
+from aslora.config import ConfigError, ExperimentConfig
 
 
 def _row(variant: str, seed: int, curve: list[float], dtype: str = "float32") -> dict:
@@ -175,7 +175,7 @@ def test_without_the_spec_rule_the_pairs_take_the_aslora_variant_that_ran_and_sh
     assert "| ffa | -0.0100 | [-0.0348, +0.0148] | 0 of 3 seeds ([0, 1, 2]) | +0.0300 | [+0.0300, +0.0300] |" in text
 
 
-def _step_sizes(config) -> tuple[float, float, float]:
+def _step_sizes(config: ExperimentConfig) -> tuple[float, float, float]:
     """The lr of A, B and the head."""
     lr = config.optim.lr
     return lr * config.optim.a_lr_scale, lr, lr * config.optim.head_lr_scale
