@@ -28,6 +28,11 @@ Suites (configs under configs/paper/):
 - `authors-minilm`: `authors-<task>-minilm.toml`, the authors' protocol with MiniLM, fewer rounds;
 - `authors-roberta-large`: `authors-<task>-roberta-large.toml`, their protocol exactly (GPU, hub).
 
+SST-2's rows run up to 2026-12-08, in `cpu` and in every suite derived from `<task>.toml`, ran
+sst2.toml's lrs by method (the head at its method's lr); the table now sets them aside as another
+regime. Their tables rebuild with the configs of then: `git checkout 283e1be -- configs/paper/sst2.toml`,
+`table`, then `git checkout HEAD -- configs/paper/sst2.toml`.
+
 `run` works through the grid in any order and part (tasks, epsilons, seeds, variants) and
 may be stopped at any time: a finished run is skipped, an interrupted one resumes from its
 checkpoint. Each finished run appends one row to `benchmarks/paper/<suite>.jsonl` (task,
@@ -66,10 +71,10 @@ from aslora.report import plot_comparison, rounds_to_reach
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "paper"
-# Equal step sizes. configs/paper/*.toml step FedAvg's factors at lr 2 (lr 4 collapses A), and its head
-# with them, where the one-factor methods' head and B step at 4 (A at 1). These controls give every trained
-# parameter the same lr in the methods they compare: the head at 4, both factors at 2 (RESULTS.md,
-# 2026-12-07 late night: FedAvg's slow start was its head's lr).
+# Equal step sizes: the head at 4, both factors at 2 (RESULTS.md, 2026-12-07 late night: FedAvg's slow
+# start was its head's lr). sst2.toml steps every method so since 2026-12-08 (the nineteenth screen); qnli.toml
+# and mnli.toml still step FedAvg's factors and head at 2 and the one-factor methods' head and B at 4 (A at 1),
+# and these controls give every trained parameter the same lr in the methods they compare.
 EQUAL_STEPS = {"optim.lr": 2.0, "optim.a_lr_scale": 1.0, "optim.head_lr_scale": 2.0}
 LR_CONTROLS = {
     "fedavg head2x": {"method": "fedavg", "optim.head_lr_scale": 2.0},
