@@ -344,6 +344,17 @@ def _overridden(suite: str) -> str:
     return " with " + ", ".join(f"`{k} = {v}`" for k, v in overrides.items()) if overrides else ""
 
 
+def _carried(rows: list[dict]) -> list[str]:
+    """A line naming the rows run under an earlier config as a control whose resolved config is the
+    current one's (`carried_from`): the same run, counted under the variant it now is."""
+    carried = Counter((r["carried_from"]["variant"], r["variant"], r["carried_from"]["configs_at"]) for r in rows if "carried_from" in r)
+    if not carried:
+        return []
+    return ["Carried: " + "; ".join(
+        f"{n} rows of `{was}` run with the configs at {commit}, now `{now}` (the same resolved config)"
+        for (was, now, commit), n in sorted(carried.items())) + "."]
+
+
 def table(suite: str) -> Path:
     """`<suite>.md` and its plots, from `<suite>.jsonl` alone."""
     rows = load_rows(suite)
@@ -365,6 +376,7 @@ def table(suite: str) -> Path:
         (f"Set aside: {len(stale)} rows of an earlier version of the configs (another regime fingerprint)."
         if stale else "Every row was run with the configs as they stand (regime fingerprints "
         f"{', '.join(f'{t} {h}' for t, h in shown)})."),
+        *_carried(rows),
         (f"Commands: `python benchmarks/paper_table.py run --suite {suite} ...`, then "
         f"`python benchmarks/paper_table.py table --suite {suite}`."),
         "",

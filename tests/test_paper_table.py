@@ -24,6 +24,16 @@ def _row(variant: str, seed: int, curve: list[float], dtype: str = "float32") ->
     return paper_table.row_of("sst2", 3.0, variant, seed, summary, "accuracy", "abc", dtype)
 
 
+def test_the_table_names_rows_carried_from_an_earlier_config() -> None:
+    """A control's run whose resolved config became a method's own counts as that method's, and says so."""
+    carried = {"variant": "fedavg head2x", "regime": "old", "configs_at": "283e1be"}
+    rows = [_row("fedavg", s, [0.6, 0.8]) | {"carried_from": carried} for s in range(2)] + [_row("ffa", 0, [0.6, 0.7])]
+    assert paper_table._carried(rows) == [
+        "Carried: 2 rows of `fedavg head2x` run with the configs at 283e1be, now `fedavg` (the same resolved config)."
+    ]
+    assert paper_table._carried(rows[2:]) == []
+
+
 def test_a_row_keeps_final_best_and_rounds_to_target() -> None:
     row = _row("aslora", 0, [0.6, 0.8, 0.77])
     assert (row["final"], row["best"], row["rounds_to_target"]) == (0.77, 0.8, 2)
